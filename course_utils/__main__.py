@@ -1,0 +1,42 @@
+"""Command line: ``python -m course_utils doctor | prepare | run``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m course_utils")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("doctor", help="versions, devices, profile and model availability")
+    sub.add_parser("prepare", help="make the profile's models ready (converts the bundled GGUF once)")
+    run = sub.add_parser("run", help="execute notebooks headless")
+    run.add_argument("notebooks", nargs="+")
+    run.add_argument("--out", default="build", help="folder for executed copies and HTML")
+    run.add_argument("--inplace", action="store_true", help="overwrite the notebooks' stored outputs")
+    args = parser.parse_args(argv)
+
+    if args.command == "doctor":
+        from .env import doctor
+
+        print(doctor().to_string())
+    elif args.command == "prepare":
+        from .models import default_name, embedding_path, resolve
+
+        resolve(), embedding_path()
+        print(f"ready: chat model {default_name('chat')}, embeddings {default_name('embedding')}")
+    elif args.command == "run":
+        from .notebooks import run_notebooks
+
+        table = run_notebooks(args.notebooks, out_dir=args.out, inplace=args.inplace)
+        print(table.drop(columns="error").to_string(index=False))
+        failed = table[table.status != "ok"]
+        for row in failed.itertuples():
+            print(f"FAILED {row.notebook}: {row.error}", file=sys.stderr)
+        return 1 if len(failed) else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

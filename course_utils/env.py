@@ -1,0 +1,117 @@
+"""What machine this is, which profile the course runs in, and a doctor table."""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import CourseError
+
+PROFILES = ("tiny", "internstudio")
+# Both roots exist on InternStudio; /root/share mirrors /share. Overridable because the platform
+# moves things between camps.
+DEFAULT_SHARE_ROOTS = ("/share/new_models", "/root/share/new_models")
+
+
+@dataclass(frozen=True)
+class Platform:
+    python: str
+    os: str
+    cpu_cores: int
+    ram_gb: float
+    torch: str | None
+    cuda: bool
+    gpu_name: str | None
+    gpu_memory_gb: float | None
+    internstudio: bool
+
+
+def share_roots() -> list[Path]:
+    """The InternStudio model roots, from ``COURSE_SHARE_ROOTS`` (colon-separated) or the defaults."""
+    raw = os.environ.get("COURSE_SHARE_ROOTS")
+    roots = raw.split(os.pathsep) if raw else DEFAULT_SHARE_ROOTS
+    return [Path(r) for r in roots if r]
+
+
+def _ram_gb() -> float:
+    try:
+        import psutil
+
+        return psutil.virtual_memory().total / 2**30
+    except ImportError:  # psutil is pinned, but doctor must still work without it
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
+def detect() -> Platform:
+    """Facts about this machine: Python, CPU, RAM, torch, CUDA GPU, InternStudio or not."""
+    try:
+        import torch
+
+        torch_version, cuda = torch.__version__, torch.cuda.is_available()
+    except ImportError:
+        torch_version, cuda = None, False
+    gpu_name = gpu_mem = None
+    if cuda:
+        props = torch.cuda.get_device_properties(0)
+        gpu_name, gpu_mem = props.name, round(props.total_memory / 2**30, 1)
+    return Platform(
+        python=platform.python_version(),
+        os=f"{platform.system()} {platform.machine()}",
+        cpu_cores=os.cpu_count() or 1,
+        ram_gb=round(_ram_gb(), 1),
+        torch=torch_version,
+        cuda=cuda,
+        gpu_name=gpu_name,
+        gpu_memory_gb=gpu_mem,
+        internstudio=any(r.is_dir() for r in share_roots()),
+    )
+
+
+def profile() -> str:
+    """The active profile: ``COURSE_PROFILE`` if set, else ``internstudio`` with a CUDA GPU, else ``tiny``.
+
+    The tiny profile never touches the network, so it turns on ``HF_HUB_OFFLINE`` unless the
+    learner set it explicitly.
+    """
+    chosen = os.environ.get("COURSE_PROFILE", "").strip().lower()
+    if chosen and chosen not in PROFILES:
+        raise CourseError(
+            f"COURSE_PROFILE={chosen!r} is not a profile. Use one of {', '.join(PROFILES)} "
+            "(or unset it to detect: internstudio with a CUDA GPU, tiny otherwise)."
+        )
+    if not chosen:
+        chosen = "internstudio" if detect().cuda else "tiny"
+    if chosen == "tiny":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return chosen
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+KEY_PACKAGES = (
+    "transformers", "peft", "accelerate", "bitsandbytes", "sentence-transformers",
+    "langchain", "chromadb", "lagent", "openai", "lmdeploy",
+)
+
+
+def doctor():
+    """A table of versions, devices, the profile and which models resolve locally."""
+    import pandas as pd
+
+    from .models import REGISTRY, locate
+
+    facts = detect()
+    rows = [(k.replace("_", " "), "-" if v is None else str(v)) for k, v in asdict(facts).items()]
+    rows.append(("profile", profile()))
+    rows += [(pkg, _version(pkg)) for pkg in KEY_PACKAGES]
+    rows += [(f"model: {name}", locate(name)[0]) for name in REGISTRY]
+    return pd.DataFrame(rows, columns=["item", "value"]).set_index("item")

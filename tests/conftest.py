@@ -1,0 +1,33 @@
+"""Shared fixtures. The tiny model is loaded once per test session (about 2 s after the first
+conversion) because many modules' tests need a real model."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir():
+    """The converted SmolLM2-135M-Instruct safetensors folder in the course cache."""
+    from course_utils.models import resolve
+
+    return resolve("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir):
+    """``(model, tokenizer)`` for SmolLM2-135M-Instruct on the CPU, fp32, eval mode. Do not mutate."""
+    from course_utils.models import load_model
+
+    return load_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def embedding_dir():
+    """The bundled all-MiniLM-L6-v2 sentence-transformers folder."""
+    from course_utils.models import embedding_path
+
+    return embedding_path("all-minilm-l6-v2")
