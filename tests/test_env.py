@@ -1,0 +1,60 @@
+import subprocess
+import sys
+
+import pytest
+
+from course_utils import CourseError, env
+
+
+def test_detect_reports_this_machine():
+    facts = env.detect()
+    assert facts.cpu_cores >= 1 and facts.ram_gb > 0
+    assert facts.python.startswith(f"{sys.version_info.major}.{sys.version_info.minor}")
+    assert facts.torch is not None
+    if not facts.cuda:
+        assert facts.gpu_name is None and facts.gpu_memory_gb is None
+
+
+def test_profile_override_and_offline_default(monkeypatch):
+    monkeypatch.setenv("COURSE_PROFILE", "tiny")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert env.profile() == "tiny"
+    import os
+
+    assert os.environ["HF_HUB_OFFLINE"] == "1", "the tiny profile must switch the hub off"
+    monkeypatch.setenv("COURSE_PROFILE", "InternStudio")
+    assert env.profile() == "internstudio"
+
+
+def test_profile_rejects_unknown_value(monkeypatch):
+    monkeypatch.setenv("COURSE_PROFILE", "gpu")
+    with pytest.raises(CourseError, match="tiny, internstudio"):
+        env.profile()
+
+
+def test_profile_detects_tiny_without_cuda(monkeypatch):
+    monkeypatch.delenv("COURSE_PROFILE", raising=False)
+    monkeypatch.setattr(env, "detect", lambda: env.Platform("3.11", "Linux", 2, 8.0, "2", False,
+                                                            None, None, True))
+    assert env.profile() == "tiny"
+
+
+def test_share_roots_override(monkeypatch, tmp_path):
+    monkeypatch.setenv("COURSE_SHARE_ROOTS", f"{tmp_path / 'a'}:{tmp_path / 'b'}")
+    assert env.share_roots() == [tmp_path / "a", tmp_path / "b"]
+    (tmp_path / "b").mkdir()
+    assert env.detect().internstudio
+
+
+def test_doctor_table_lists_packages_and_models():
+    table = env.doctor()
+    assert table.loc["profile", "value"] in env.PROFILES
+    assert table.loc["transformers", "value"][0].isdigit()
+    assert table.loc["model: all-minilm-l6-v2", "value"] == "bundled"
+    assert table.loc["model: internlm2_5-7b-chat", "value"] in ("missing", "share", "cache")
+
+
+def test_doctor_command_line():
+    out = subprocess.run([sys.executable, "-m", "course_utils", "doctor"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "profile" in out and "model: smollm2-135m-instruct" in out
