@@ -1,4 +1,4 @@
-"""Command line: ``python -m course_utils doctor | prepare | run``."""
+"""Command line: ``python -m course_utils doctor | prepare | run | grade``."""
 
 from __future__ import annotations
 
@@ -15,7 +15,14 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("notebooks", nargs="+")
     run.add_argument("--out", default="build", help="folder for executed copies and HTML")
     run.add_argument("--inplace", action="store_true", help="overwrite the notebooks' stored outputs")
+    grade = sub.add_parser("grade", help="run homework notebooks headless and print a score table",
+                           add_help=False)
+    grade.add_argument("rest", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
+    if args.command == "grade":
+        from .grading import main as grade_main
+
+        return grade_main(args.rest)
 
     if args.command == "doctor":
         from .env import doctor

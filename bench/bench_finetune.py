@@ -1,0 +1,118 @@
+"""Lesson 4 benchmark: the notebook's default LoRA run vs a plain Trainer+peft baseline.
+
+Measures, in one process on the tiny profile: training seconds, whether (and at which evaluation)
+the greedy reply becomes the exact target self-introduction, and peak RSS. The baseline uses
+the bootcamp's XTuner QLoRA hyper-parameters (r=64, alpha=16, dropout=0.1, lr=2e-4, batch 1 x
+accumulation 16, 3 epochs, warm-up 3%) as plain LoRA on the same tokenised data, without any
+course_utils training code. ``--qlora`` adds a 4-bit NF4 run on the CPU.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_finetune.py [--qlora]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def load_average() -> str:
+    """The 1-minute load average: timings on a shared 2-core machine mean little without it."""
+    return f"{os.getloadavg()[0]:.2f} (cores: {os.cpu_count()})"
+
+
+def peak_rss_gb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+
+
+def course_run(data_path: Path, work: Path, target: str, **overrides) -> dict:
+    """The notebook's default config through course_utils.finetune.train."""
+    from course_utils.finetune import FinetuneConfig, train
+
+    cfg = FinetuneConfig(data_path=str(data_path), work_dir=str(work), **overrides)
+    result = train(cfg)
+    hits = result.eval_replies[(result.eval_replies.question == cfg.evaluation_inputs[0])
+                               & (result.eval_replies.reply == target)]
+    return {"train_s": result.train_seconds, "steps": result.global_step,
+            "exact_at_step": int(hits.step.min()) if len(hits) else None,
+            "final_exact": result.replies[cfg.evaluation_inputs[0]] == target,
+            "peak_rss_gb": result.peak_memory_gb}
+
+
+def baseline_run(data_path: Path, work: Path, target: str) -> dict:
+    """Plain Trainer + peft with the bootcamp's XTuner defaults, on the same examples."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+
+    from course_utils.finetune import reply
+    from course_utils.models import resolve
+    from course_utils.sft_data import build_examples, collate, load_conversations
+
+    torch.manual_seed(0)
+    folder = resolve("smollm2-135m-instruct")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=64, lora_alpha=16, lora_dropout=0.1,
+                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    examples = build_examples(tokenizer, load_conversations(data_path), 64)
+    args = TrainingArguments(output_dir=str(work), per_device_train_batch_size=1,
+                             gradient_accumulation_steps=16, num_train_epochs=3, learning_rate=2e-4,
+                             warmup_steps=0.03, lr_scheduler_type="cosine", max_grad_norm=1.0,
+                             use_cpu=True, report_to=[], disable_tqdm=True, save_strategy="no",
+                             logging_steps=1, remove_unused_columns=False)
+    trainer = Trainer(model=model, args=args, train_dataset=examples,
+                      data_collator=lambda b: collate(b, tokenizer.pad_token_id))
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    model.eval()
+    answer = reply(model, tokenizer, "Please introduce yourself.", max_new_tokens=24)
+    return {"train_s": round(seconds, 1), "steps": trainer.state.global_step,
+            "exact_at_step": None, "final_exact": answer == target, "final_reply": answer}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--qlora", action="store_true", help="also time QLoRA (NF4) on the CPU")
+    args = parser.parse_args(argv)
+    from course_utils.finetune import quiet_libraries
+    from course_utils.paths import outputs_dir
+    from course_utils.sft_data import identity_reply, make_identity_dataset
+
+    quiet_libraries()
+    target = identity_reply("Alex", "SmolLM2-135M")
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = make_identity_dataset("Alex", out_dir=Path(tmp) / "data")["conversation"]
+        print("load average before:", load_average(), flush=True)
+        rows["course default (notebook)"] = course_run(data, Path(tmp) / "course", target)
+        rows["course default, no eval hook"] = course_run(data, Path(tmp) / "course-noeval", target,
+                                                          evaluation_freq=0)
+        rows["plain Trainer+peft, bootcamp hparams"] = baseline_run(data, Path(tmp) / "base", target)
+        if args.qlora:
+            rows["course QLoRA 4-bit on CPU"] = course_run(data, Path(tmp) / "qlora", target,
+                                                           quantization="4bit")
+        print("load average after:", load_average())
+    rows = {name: {**row, "peak_rss_gb": row.get("peak_rss_gb", peak_rss_gb())}
+            for name, row in rows.items()}
+    import pandas as pd
+
+    print(pd.DataFrame(rows).T.to_string())
+    out = outputs_dir() / "bench" / "finetune.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"load_average": load_average(), "runs": rows}, indent=1))
+    ok = rows["course default (notebook)"]["final_exact"]
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

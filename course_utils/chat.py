@@ -1,0 +1,440 @@
+"""Chat with a local model or an OpenAI-compatible endpoint, in code or in a Jupyter widget.
+
+The chat protocol other lessons build on: an object with ``ask(text, stream=False)``,
+``stop()``, ``reset()``, ``history`` (a list of ``{"role", "content"}`` dicts) and
+``complete(messages, **gen)``. ``ChatSession`` implements it; ``ChatWidget`` drives any object
+that does.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import sys
+import threading
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from .errors import CourseError
+
+
+@dataclass
+class Generation:
+    """Generation settings; ``temperature == 0`` means greedy (reproducible) decoding."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.1  # small models loop without it
+
+
+def default_generation() -> Generation:
+    """Greedy in the tiny profile (stored outputs must be reproducible), sampled on a GPU."""
+    from .env import profile
+
+    return Generation() if profile() == "tiny" else Generation(temperature=0.7, top_p=0.8,
+                                                             repetition_penalty=1.0)
+
+
+def _merge(base: Generation, overrides: dict) -> Generation:
+    known = {f.name for f in fields(Generation)}
+    unknown = set(overrides) - known
+    if unknown:
+        raise CourseError(f"Unknown generation setting(s) {sorted(unknown)}; use {sorted(known)}.")
+    return replace(base, **overrides)
+
+
+class _LocalBackend:
+    """Generation with a transformers model, streamed through ``TextIteratorStreamer``."""
+
+    def __init__(self, model, tokenizer, context_tokens: int):
+        self.model, self.tokenizer, self.context_tokens = model, tokenizer, context_tokens
+
+    def count_tokens(self, messages: list[dict]) -> int:
+        return len(self._encode(messages))
+
+    def _encode(self, messages: list[dict]) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                 tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    def clip_text(self, text: str, max_tokens: int) -> str:
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.decode(ids[-max_tokens:]) if max_tokens > 0 else ""
+
+    def _generate_kwargs(self, messages: list[dict], gen: Generation, stop: threading.Event,
+                         streamer) -> dict:
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        class StopOnEvent(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):  # one flag per batch row
+                return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool,
+                                  device=input_ids.device)
+
+        input_ids = torch.tensor([self._encode(messages)], device=self.model.device)
+        kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                      streamer=streamer, max_new_tokens=gen.max_new_tokens,
+                      repetition_penalty=gen.repetition_penalty,
+                      stopping_criteria=StoppingCriteriaList([StopOnEvent()]),
+                      pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
+        if gen.temperature > 0:
+            kwargs.update(do_sample=True, temperature=gen.temperature, top_p=gen.top_p)
+        else:  # greedy; unset the sampling knobs a model's generation_config may carry
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+    def stream(self, messages: list[dict], gen: Generation, stop: threading.Event) -> Iterator[str]:
+        import torch
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        kwargs = self._generate_kwargs(messages, gen, stop, streamer)
+        errors: list[BaseException] = []
+
+        def run():
+            try:
+                with torch.no_grad():
+                    self.model.generate(**kwargs)
+            except BaseException as exc:  # re-raised in the caller's thread
+                errors.append(exc)
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        try:
+            yield from streamer
+        finally:
+            stop.set()  # the consumer left early: let generate() finish its current step
+            thread.join()
+        if errors:
+            raise errors[0]
+
+
+class _RemoteBackend:
+    """Generation through an OpenAI-compatible ``/v1/chat/completions`` endpoint."""
+
+    def __init__(self, client, model: str, context_tokens: int):
+        self.client, self.model, self.context_tokens = client, model, context_tokens
+
+    def count_tokens(self, messages: list[dict]) -> int:
+        # No tokenizer on this side: ~4 characters per token, plus a few per message for the template.
+        return sum(len(m["content"]) // 4 + 4 for m in messages)
+
+    def clip_text(self, text: str, max_tokens: int) -> str:
+        return text[-max_tokens * 4:] if max_tokens > 0 else ""
+
+    def stream(self, messages: list[dict], gen: Generation, stop: threading.Event) -> Iterator[str]:
+        import openai
+
+        try:
+            response = self.client.chat.completions.create(
+                model=self.model, messages=messages, stream=True, max_tokens=gen.max_new_tokens,
+                temperature=gen.temperature, top_p=gen.top_p)
+        except openai.APIConnectionError as exc:
+            raise CourseError(f"Cannot reach the chat server at {self.client.base_url}: start it "
+                              "(serving.serve) or check the URL.") from exc
+        try:
+            for chunk in response:
+                if stop.is_set():
+                    break
+                if chunk.choices and chunk.choices[0].delta.content:
+                    yield chunk.choices[0].delta.content
+        finally:
+            response.close()
+
+
+class ChatSession:
+    """A conversation: history, system prompt, chat template, context budget and streaming."""
+
+    def __init__(self, backend, *, system_prompt: str | None = None,
+                 generation: Generation | None = None, on_notice: Callable[[str], None] | None = None):
+        self.backend = backend
+        self.system_prompt = system_prompt
+        self.generation = generation or default_generation()
+        self.history: list[dict] = []
+        self.notices: list[str] = []
+        self.on_notice = on_notice or (lambda msg: print(msg, file=sys.stderr))
+        self._stop = threading.Event()
+
+    @classmethod
+    def load(cls, model=None, *, adapter: str | Path | None = None, system_prompt: str | None = None,
+             context_tokens: int | None = None, **generation) -> "ChatSession":
+        """A session over a local model: the profile's, a registry name, a folder, or ``(model, tokenizer)``."""
+        from .models import load_model
+
+        if adapter is not None:
+            _check_adapter(adapter)  # before the (slow) model load
+        mdl, tok = model if isinstance(model, tuple) else load_model(model)
+        if adapter is not None:
+            mdl = _with_adapter(mdl, adapter)
+        limit = getattr(mdl.config, "max_position_embeddings", None) or 2048
+        backend = _LocalBackend(mdl, tok, context_tokens or min(limit, 4096))
+        return cls(backend, system_prompt=system_prompt,
+                   generation=_merge(default_generation(), generation))
+
+    @classmethod
+    def remote(cls, url, model: str | None = None, *, api_key: str | None = None,
+               system_prompt: str | None = None, context_tokens: int = 4096,
+               **generation) -> "ChatSession":
+        """A session over an OpenAI-compatible server: a URL (``http://127.0.0.1:23333/v1``) or a
+        ``serving.Server`` (its model name and key are then used)."""
+        import openai
+
+        if hasattr(url, "base_url"):  # a serving.Server
+            model, api_key, url = model or url.model, api_key or url.api_key, url.base_url
+        url = url.rstrip("/")
+        base = url if url.endswith("/v1") else f"{url}/v1"
+        client = openai.OpenAI(base_url=base, api_key=api_key or "EMPTY", max_retries=0)
+        if model is None:
+            try:
+                model = client.models.list().data[0].id
+            except (openai.APIConnectionError, IndexError) as exc:
+                raise CourseError(f"Cannot list models at {base}: is the server running? "
+                                  "Or pass model= explicitly.") from exc
+        backend = _RemoteBackend(client, model, context_tokens)
+        return cls(backend, system_prompt=system_prompt,
+                   generation=_merge(default_generation(), generation))
+
+    def messages(self, history: list[dict] | None = None) -> list[dict]:
+        """The message list sent to the model: system prompt first, then ``history``."""
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return system + list(self.history if history is None else history)
+
+    def _notice(self, msg: str) -> None:
+        self.notices.append(msg)
+        self.on_notice(msg)
+
+    def _fit(self, history: list[dict], gen: Generation) -> list[dict]:
+        """Drop the oldest turns (then clip the last message) until prompt + reply fit the context."""
+        budget = self.backend.context_tokens - gen.max_new_tokens
+        if budget < 16:
+            raise CourseError(f"max_new_tokens={gen.max_new_tokens} leaves no room for the prompt "
+                              f"in a {self.backend.context_tokens}-token context: lower it.")
+        history, dropped = list(history), 0
+        while len(history) > 1 and self.backend.count_tokens(self.messages(history)) > budget:
+            history.pop(0)
+            dropped += 1
+        if dropped:
+            self._notice(f"[notice] The conversation outgrew the {budget}-token budget: the "
+                         f"{dropped} oldest message(s) are left out of the prompt.")
+        excess = self.backend.count_tokens(self.messages(history)) - budget
+        if excess > 0:
+            last = history[-1]
+            keep = self.backend.count_tokens([last]) - excess - 8
+            history[-1] = {**last, "content": self.backend.clip_text(last["content"], keep)}
+            self._notice(f"[notice] The message is longer than the {budget}-token budget: only "
+                         "its end is sent.")
+        return history
+
+    def _stream(self, messages: list[dict], gen: Generation) -> Iterator[str]:
+        self._stop.clear()
+        return self.backend.stream(messages, gen, self._stop)
+
+    def ask(self, text: str, stream: bool = False, **gen) -> str | Iterator[str]:
+        """Send ``text``; returns the reply, or with ``stream=True`` an iterator of text chunks."""
+        if not isinstance(text, str) or not text.strip():
+            raise CourseError("ask() needs a non-empty message string.")
+        chunks = self._ask_stream(text, _merge(self.generation, gen))
+        return chunks if stream else "".join(chunks).strip()
+
+    def _ask_stream(self, text: str, gen: Generation) -> Iterator[str]:
+        user = {"role": "user", "content": text}
+        prompt = self.messages(self._fit(self.history + [user], gen))  # may raise: history untouched
+        self.history.append(user)
+        parts: list[str] = []
+        try:
+            for piece in self._stream(prompt, gen):
+                parts.append(piece)
+                yield piece
+        finally:  # also on stop() or when the consumer breaks: keep the partial reply
+            self.history.append({"role": "assistant", "content": "".join(parts).strip()})
+
+    def stop(self) -> None:
+        """End a running generation early; the partial reply stays in the history."""
+        self._stop.set()
+
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt and settings stay)."""
+        self.history.clear()
+
+    def complete(self, messages: list[dict], **gen) -> str:
+        """A stateless reply to ``messages`` (the session's history is not touched)."""
+        return "".join(self._stream(list(messages), _merge(self.generation, gen))).strip()
+
+
+def _check_adapter(adapter: str | Path) -> None:
+    folder = Path(adapter)
+    if not (folder / "adapter_config.json").is_file():
+        raise CourseError(f"{folder} has no adapter_config.json: pass the folder a LoRA run saved "
+                          "(finetune output), not the base model.")
+
+
+def _with_adapter(model, adapter: str | Path):
+    """Put a PEFT (LoRA) adapter folder on top of ``model``."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, Path(adapter)).eval()
+
+
+# ---- a CLI-style loop and the homework story -----------------------------------------------------
+
+def cli_chat(session, inputs: Iterable[str] | None = None, *, quit_words=("exit", "quit")) -> None:
+    """The tutorials' terminal chat loop; ``inputs`` replaces ``input()`` so it can run unattended."""
+    source = iter(inputs) if inputs is not None else iter(lambda: input("User  >>> "), None)
+    for text in source:
+        if inputs is not None:
+            print(f"User  >>> {text}")
+        if text.strip().lower() in quit_words:
+            print("Bye.")
+            return
+        print("Robot >>> ", end="", flush=True)
+        for piece in session.ask(text, stream=True):
+            print(piece, end="", flush=True)
+        print()
+
+
+_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_WORD = re.compile(r"[A-Za-z0-9]+(?:['’-][A-Za-z0-9]+)*")
+
+
+def count_words(text: str, language: str = "auto") -> int:
+    """English words; for Chinese text, characters plus any English words, as Chinese word
+    processors count ("auto" picks the language by which dominates)."""
+    cjk, words = len(_CJK.findall(text)), len(_WORD.findall(text))
+    if language == "auto":
+        language = "zh" if cjk > words else "en"
+    if language not in ("en", "zh"):
+        raise CourseError(f"language={language!r}: use 'en', 'zh' or 'auto'.")
+    return cjk + words if language == "zh" else words
+
+
+@dataclass
+class Story:
+    text: str
+    length: int  # words (en) or characters (zh)
+    rounds: int  # model calls it took
+
+
+def write_story(session, topic: str, min_words: int = 300, *, language: str = "auto",
+                max_rounds: int = 8) -> Story:
+    """Ask for a story about ``topic`` and keep asking to continue until it has ``min_words``."""
+    if language == "auto":
+        language = "zh" if _CJK.search(topic) else "en"
+    first = (f"请写一个关于「{topic}」的故事，不少于 {min_words} 字。" if language == "zh" else
+             f"Write a story about {topic}. Make it at least {min_words} words long.")
+    more = "请接着写下去。" if language == "zh" else "Continue the story from where it stopped."
+    parts = [session.ask(first)]
+    while count_words("\n\n".join(parts), language) < min_words and len(parts) < max_rounds:
+        parts.append(session.ask(more))
+    text = "\n\n".join(p for p in parts if p)
+    return Story(text, count_words(text, language), len(parts))
+
+
+# ---- the widget ----------------------------------------------------------------------------------
+
+@functools.cache
+def _markdown():
+    import mistune  # ships with nbconvert; renders the reply (and any appended sources) as Markdown
+
+    return mistune.create_markdown(escape=True)  # a reply's raw HTML is shown, not run
+
+
+def _markdown_html(text: str) -> str:
+    return _markdown()(text)
+
+
+class ChatWidget:
+    """An ipywidgets chat (input, Send, Stop, Clear, sliders, streamed Markdown) for any chat session."""
+
+    def __init__(self, session, *, title: str = "Chat", height: str = "360px"):
+        import ipywidgets as w
+
+        self.session = session
+        self.log = w.VBox(layout=w.Layout(height=height, overflow_y="auto", border="1px solid #ddd",
+                                          padding="4px"))
+        self.text = w.Textarea(placeholder="Type a message, then Send", rows=2,
+                               layout=w.Layout(width="100%"))
+        self.send_button = w.Button(description="Send", button_style="primary")
+        self.stop_button = w.Button(description="Stop", disabled=True)
+        self.clear_button = w.Button(description="Clear")
+        gen = getattr(session, "generation", None)
+        self.temperature = w.FloatSlider(value=getattr(gen, "temperature", 0.0), min=0.0, max=1.5,
+                                         step=0.05, description="temperature")
+        self.max_tokens = w.IntSlider(value=getattr(gen, "max_new_tokens", 256), min=16, max=2048,
+                                      step=16, description="max tokens")
+        if gen is None:  # a session-like object without settings: the sliders would do nothing
+            self.temperature.disabled = self.max_tokens.disabled = True
+        self.status = w.HTML()
+        self.send_button.on_click(lambda _: self.submit(self.text.value, wait=False))
+        self.stop_button.on_click(lambda _: self.session.stop())
+        self.clear_button.on_click(lambda _: self.clear())
+        buttons = w.HBox([self.send_button, self.stop_button, self.clear_button])
+        self.view = w.VBox([w.HTML(f"<b>{title}</b>"), self.log, self.text, buttons,
+                            w.HBox([self.temperature, self.max_tokens]), self.status])
+        self._thread: threading.Thread | None = None
+        self.last_reply = ""
+
+    def _repr_mimebundle_(self, **kwargs):
+        bundle = self.view._repr_mimebundle_(**kwargs)
+        # The text form is what a notebook keeps for viewers without the widget manager.
+        bundle["text/plain"] = "ChatWidget (run the notebook in Jupyter to chat)"
+        return bundle
+
+    @staticmethod
+    def _bubble_html(role: str, text: str) -> str:
+        who = "🧑 You" if role == "user" else "🤖 Assistant"
+        return f"<div><b>{who}</b>{_markdown_html(text)}</div>"
+
+    def _bubble(self, role: str, text: str):
+        import ipywidgets as w
+
+        return w.HTML(self._bubble_html(role, text))
+
+    def _apply_settings(self) -> None:
+        gen = getattr(self.session, "generation", None)
+        if isinstance(gen, Generation):
+            self.session.generation = replace(gen, temperature=self.temperature.value,
+                                              max_new_tokens=self.max_tokens.value)
+
+    def submit(self, text: str, *, wait: bool = True) -> str | None:
+        """Send ``text`` as if typed and clicked; with ``wait`` returns the reply when it is done."""
+        if not text.strip() or (self._thread and self._thread.is_alive()):
+            return None
+        self.text.value = ""
+        self._apply_settings()
+        # A click runs in a thread so the kernel stays free to receive the Stop click.
+        self._thread = threading.Thread(target=self._run, args=(text,), daemon=True)
+        self._thread.start()
+        if wait:
+            self._thread.join()
+            return self.last_reply
+        return None
+
+    def _run(self, text: str) -> None:
+        self.log.children += (self._bubble("user", text), self._bubble("assistant", "…"))
+        bubble, reply = self.log.children[-1], ""
+        self.send_button.disabled, self.stop_button.disabled = True, False
+        self.status.value = "generating…"
+        try:
+            for piece in self.session.ask(text, stream=True):
+                reply += piece
+                bubble.value = self._bubble_html("assistant", reply + " ▌")
+            self.status.value = ""
+        except Exception as exc:  # shown in the widget: a thread has nowhere else to report it
+            self.status.value = f"<span style='color:#b00'>{type(exc).__name__}: {exc}</span>"
+        bubble.value = self._bubble_html("assistant", reply)
+        self.last_reply = reply
+        self.send_button.disabled, self.stop_button.disabled = False, True
+
+    def clear(self) -> None:
+        """Empty the conversation, in the widget and in the session."""
+        self.session.reset()
+        self.log.children = ()
+        self.status.value = ""
+
+    def transcript(self) -> str:
+        """The conversation so far as Markdown (what the widget shows)."""
+        turns = getattr(self.session, "history", [])
+        return "\n\n".join(f"**{m['role']}:** {m['content']}" for m in turns)

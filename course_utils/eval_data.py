@@ -1,0 +1,414 @@
+"""Evaluation data the OpenCompass way: datasets, prompt templates, answer extraction, summary tables.
+
+A dataset is a folder under ``data/eval/`` holding C-Eval-style JSONL splits (``dev`` for few-shot
+examples, ``val`` to score) and a ``meta.json`` with its language, subject names and reader config;
+or a single JSONL file with the same columns. ``course_utils.evaluate`` runs models on them; the
+summary tables and ``export_opencompass_config`` here need no model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import CourseError
+from .paths import DATA_DIR, REPO_ROOT
+
+OPTIONS = ("A", "B", "C", "D")
+EVAL_DIR = DATA_DIR / "eval"
+PROMPT_VERSION = 1  # bump when the templates below change, so old predictions are not reused
+
+
+@dataclass
+class ReaderConfig:
+    """Which columns are read and which splits are used, like OpenCompass's ``reader_cfg``."""
+
+    input_columns: list[str] = field(default_factory=lambda: ["question", *OPTIONS])
+    output_column: str = "answer"
+    train_split: str = "dev"  # few-shot examples come from here
+    test_split: str = "val"  # the questions that are scored
+    test_range: str | None = None  # a slice of the test split, e.g. "[0:20]" (OpenCompass syntax)
+
+
+@dataclass
+class EvalDataset:
+    name: str
+    records: list[dict]  # the test split, after test_range
+    dev: list[dict]  # few-shot examples, in file order (OpenCompass's FixKRetriever takes the first k)
+    language: str  # "en" or "zh": picks the prompt wording
+    subjects: dict[str, str]  # category -> how the prompt names it
+    reader: ReaderConfig
+    path: Path  # the test split's file
+    fingerprint: str  # hash of the files' contents, part of the result's version
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+def list_datasets() -> list[str]:
+    """The dataset names under ``data/eval/``."""
+    return sorted(p.name for p in EVAL_DIR.iterdir() if (p / "meta.json").is_file())
+
+
+def parse_range(test_range, n: int) -> slice:
+    """A slice from OpenCompass's ``test_range`` string ("[0:20]", "[:10]", "[5:]"), a slice or an int."""
+    if test_range is None:
+        return slice(None)
+    if isinstance(test_range, slice):
+        return test_range
+    if isinstance(test_range, int):
+        return slice(0, test_range)
+    match = re.fullmatch(r"\s*\[\s*(-?\d*)\s*:\s*(-?\d*)\s*\]\s*", str(test_range))
+    if not match:
+        raise CourseError(f"test_range={test_range!r} is not a slice. Write it like OpenCompass: "
+                          f"'[0:20]' (the first 20 of {n}), '[:10]' or '[5:]'.")
+    start, stop = (int(x) if x else None for x in match.groups())
+    return slice(start, stop)
+
+
+def _read_jsonl(path: Path, reader: ReaderConfig) -> list[dict]:
+    records = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CourseError(f"{path.name} line {lineno} is not valid JSON ({exc.msg}). "
+                              "Each line must be one JSON object.") from None
+        records.append(_check_record(record, reader, f"{path.name} line {lineno}"))
+    if not records:
+        raise CourseError(f"{path} has no records. Add one JSON object per line.")
+    return records
+
+
+def _check_record(record: dict, reader: ReaderConfig, where: str) -> dict:
+    missing = [c for c in [*reader.input_columns, reader.output_column] if c not in record]
+    if missing:
+        raise CourseError(f"{where} lacks column(s) {missing}. C-Eval-style records need "
+                          f"{reader.input_columns} and {reader.output_column!r}.")
+    answer = str(record[reader.output_column]).strip().upper()
+    if answer not in OPTIONS:
+        raise CourseError(f"{where}: answer {record[reader.output_column]!r} is not one of "
+                          f"{', '.join(OPTIONS)}. Write the letter of the correct option.")
+    record = dict(record, **{reader.output_column: answer})
+    record.setdefault("category", "all")
+    return record
+
+
+def _locate(dataset: str | Path) -> tuple[Path, dict]:
+    """(test file, meta) for a dataset name under data/eval/, a dataset folder or a JSONL file."""
+    path = Path(dataset)
+    folder = path if path.is_dir() else EVAL_DIR / str(dataset)
+    if folder.is_dir() and (folder / "meta.json").is_file():
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        reader = meta.get("reader_cfg", {})
+        return folder / f"{reader.get('test_split', 'val')}.jsonl", meta
+    if path.suffix == ".jsonl" and path.is_file():
+        return path, {"abbr": path.stem}
+    raise CourseError(f"Dataset {str(dataset)!r} not found. Use one of {list_datasets()} "
+                      "or the path of a .jsonl file with C-Eval columns (question, A-D, answer).")
+
+
+def load_dataset(dataset: str | Path, *, test_range=None) -> EvalDataset:
+    """Load a dataset by name (``data/eval/<name>``), folder or JSONL path, sliced by ``test_range``."""
+    if isinstance(dataset, EvalDataset):
+        return dataset
+    test_file, meta = _locate(dataset)
+    reader = ReaderConfig(**{**meta.get("reader_cfg", {}), "test_range": test_range})
+    records = _read_jsonl(test_file, reader)
+    for i, record in enumerate(records):  # predictions are keyed by id; plain JSONL files may have none
+        record.setdefault("id", f"{test_file.stem}-{i:04d}")
+    if len({r["id"] for r in records}) != len(records):
+        raise CourseError(f"{test_file.name} repeats an id; every record needs its own.")
+    dev_file = test_file.with_name(f"{reader.train_split}.jsonl")
+    dev = _read_jsonl(dev_file, reader) if dev_file.is_file() and dev_file != test_file else []
+    digest = hashlib.sha1(test_file.read_bytes() + (dev_file.read_bytes() if dev else b""))
+    name = meta.get("abbr") or test_file.parent.name
+    return EvalDataset(name=name, records=records[parse_range(test_range, len(records))], dev=dev,
+                       language=meta.get("language", "en"), subjects=meta.get("subjects", {}),
+                       reader=reader, path=test_file, fingerprint=digest.hexdigest()[:12])
+
+
+# ---- prompt templates -------------------------------------------------------------------------
+# Wording follows OpenCompass's C-Eval configs: a header naming the subject, the question with
+# lettered options, then "答案：" / "Answer:" and the letter.
+HEADERS = {
+    "en": "The following are multiple choice questions about {subject}.",
+    "zh": "以下是关于{subject}的单项选择题，请选出其中的正确答案。",
+}
+ASK_LETTER = {  # added for gen mode, so the model replies with a letter a regex can find
+    "en": "Answer with the letter of the correct option.",
+    "zh": "请直接给出正确选项的字母。",
+}
+ANSWER_CUE = {"en": "Answer:", "zh": "答案："}
+
+
+def format_question(record: dict, language: str = "en") -> str:
+    """The question with its lettered options, as the model reads it."""
+    lines = [record["question"], *(f"{o}. {record[o]}" for o in OPTIONS)]
+    return "\n".join(lines)
+
+
+def answer_text(letter: str, language: str, style: str) -> str:
+    """What follows the prompt for answer ``letter``: " B" after "Answer:", "B" in a chat reply."""
+    return f" {letter}" if style == "plain" and language == "en" else letter
+
+
+def build_messages(record: dict, dataset: EvalDataset, *, shots: int = 0, mode: str = "ppl") -> list[dict]:
+    """Chat messages for one question: k dev examples as earlier turns, then the question."""
+    if shots > len(dataset.dev):
+        raise CourseError(f"shots={shots} but {dataset.name} has {len(dataset.dev)} dev examples. "
+                          f"Use shots <= {len(dataset.dev)}.")
+    lang = dataset.language
+    subject = dataset.subjects.get(record["category"], record["category"].replace("_", " "))
+    header = HEADERS[lang].format(subject=subject)
+    if mode == "gen":
+        header += " " + ASK_LETTER[lang] if lang == "en" else ASK_LETTER[lang]
+    messages = []
+    for i, example in enumerate(dataset.dev[:shots]):
+        text = format_question(example, lang)
+        messages += [{"role": "user", "content": f"{header}\n\n{text}" if i == 0 else text},
+                     {"role": "assistant", "content": example[dataset.reader.output_column]}]
+    text = format_question(record, lang)
+    messages.append({"role": "user", "content": text if shots else f"{header}\n\n{text}"})
+    return messages
+
+
+def render_plain(messages: list[dict], language: str = "en") -> str:
+    """Messages as one completion prompt (for base models and /v1/completions): Q, Answer: X, ..."""
+    cue, parts = ANSWER_CUE[language], []
+    for m in messages:
+        if m["role"] == "user":
+            parts.append(f"{m['content']}\n{cue}")
+        else:
+            parts[-1] += answer_text(m["content"], language, "plain") + "\n\n"
+    return "".join(parts)
+
+
+def prompt_version(dataset: EvalDataset, *, mode: str, shots: int, style: str, extra: dict) -> str:
+    """A short hash of everything that changes a prediction, like OpenCompass's config hash."""
+    key = json.dumps([PROMPT_VERSION, dataset.fingerprint, mode, shots, style, extra], sort_keys=True)
+    return hashlib.md5(key.encode()).hexdigest()[:6]
+
+
+# ---- answer extraction (gen mode) ---------------------------------------------------------------
+# Tried in order; the first pattern that matches wins (OpenCompass's first_option_postprocess idea).
+# Lower-case letters are accepted only where they cannot be an English word ("a", "I"-like cases).
+_L = "ABCDabcd"
+_PATTERNS = [
+    rf"(?:答案|正确答案|选项)\s*(?:是|为|应该是|应为)?\s*[:：]?\s*[\(（\[]?\s*([{_L}])(?![A-Za-z])",
+    rf"(?i:answer|option|choice)\s*(?:is|would be|should be)?\s*[:：]?\s*[\(（\[]?\s*([{_L}])(?![A-Za-z])",
+    rf"^\s*[\(（\[]?\s*([{_L}])\s*(?:[\)）\]\.．。:：,，、]|$)",  # "B. because...", "(c)", "b"
+    rf"[\(（\[]\s*([{_L}])\s*[\)）\]]",  # "(C)" anywhere
+    r"(?<![A-Za-z])([B-D])(?![A-Za-z])|(?<![A-Za-z])(A)(?![A-Za-z])(?!\s+[a-z])",  # a lone capital,
+    # but not the English article in "A rainbow forms..."
+]
+
+
+def extract_choice(text: str, record: dict | None = None) -> str | None:
+    """The option letter a generated answer picks ("答案是 B", "(c)", "B. because..."), else None.
+
+    With ``record`` given, a reply that quotes exactly one option's text (e.g. "Canberra") counts too.
+    """
+    text = text or ""
+    for pattern in _PATTERNS:
+        match = re.search(pattern, text, flags=re.MULTILINE)
+        if match:
+            return next(g for g in match.groups() if g).upper()
+    if record is not None:
+        quoted = [o for o in OPTIONS if str(record[o]).strip() and str(record[o]).lower() in text.lower()]
+        if len(quoted) == 1:
+            return quoted[0]
+    return None
+
+
+# ---- the real OpenCompass config -----------------------------------------------------------------
+# Registry names that OpenCompass ships a model config for (opencompass.configs.models.hf_internlm.*).
+OC_MODEL_CONFIGS = {
+    "internlm2_5-1_8b-chat": "hf_internlm2_5_1_8b_chat",
+    "internlm2_5-7b-chat": "hf_internlm2_5_7b_chat",
+    "internlm2-chat-1_8b": "hf_internlm2_chat_1_8b",
+    "internlm3-8b-instruct": "hf_internlm3_8b_instruct",
+}
+OC_BENCHMARKS = ("ceval", "cmmlu", "mmlu")  # each has <name>_gen / <name>_ppl configs exporting <name>_datasets
+INTERNSTUDIO_ROOT = "/share/new_models"
+CONFIG_HEADER = '''\
+# OpenCompass config written by course_utils.evaluate.export_opencompass_config.
+# Run it on InternStudio (CUDA), in an environment with OpenCompass (it pins its own libraries):
+#   conda create -n opencompass python=3.10 -y && conda activate opencompass
+#   git clone https://github.com/open-compass/opencompass /root/opencompass
+#   cd /root/opencompass && pip install -e .
+#   cp /share/temp/datasets/OpenCompassData-core-20231110.zip . && unzip OpenCompassData-core-20231110.zip
+#   {command}
+# --debug runs the tasks one after another and prints their logs; results land in work_dir.
+# Course datasets are read from data_root, relative to where you run it: copy this repo's data/eval there.
+'''
+
+
+def _py(value) -> str:
+    """Python source for a config value; ``type`` entries name classes, not strings."""
+    if isinstance(value, dict):
+        items = ", ".join(f"{k}={v if k == 'type' else _py(v)}" for k, v in value.items())
+        return f"dict({items})"
+    return repr(value)
+
+
+def _oc_model(model, index: int, served_model: str) -> tuple[str | None, str]:
+    """(read_base import line or None, Python expression for a list of model dicts)."""
+    from .models import REGISTRY
+
+    name = str(model)
+    if name in OC_MODEL_CONFIGS:
+        var = f"{OC_MODEL_CONFIGS[name]}_model"
+        line = f"from opencompass.configs.models.hf_internlm.{OC_MODEL_CONFIGS[name]} import models as {var}"
+        share = REGISTRY[name].share_path
+        expr = (f"[dict(m, path={_py(f'{INTERNSTUDIO_ROOT}/{share}')}) for m in {var}]" if share else var)
+        return line, expr
+    if name.startswith(("http://", "https://")):
+        spec = {"type": "OpenAISDK", "abbr": f"api-{served_model}", "path": served_model, "key": "EMPTY",
+                "openai_api_base": name if name.rstrip("/").endswith("/v1") else name.rstrip("/") + "/v1",
+                "meta_template": {"round": [{"role": "HUMAN", "api_role": "HUMAN"},
+                                            {"role": "BOT", "api_role": "BOT", "generate": True}]},
+                "max_out_len": 256, "batch_size": 8, "temperature": 0.0}
+        return None, f"[{_py(spec)}]"
+    path = REGISTRY[name].hf_id if name in REGISTRY else name
+    spec = {"type": "HuggingFacewithChatTemplate", "abbr": Path(name).name or f"model{index}", "path": path,
+            "max_out_len": 256, "batch_size": 8, "run_cfg": {"num_gpus": 1}}
+    return None, f"[{_py(spec)}]"
+
+
+def _oc_dataset(dataset: str, mode: str, test_range, data_root: str) -> tuple[str | None, str]:
+    """(read_base import line or None, Python expression for a list of dataset dicts)."""
+    if dataset in OC_BENCHMARKS:
+        line = f"from opencompass.configs.datasets.{dataset}.{dataset}_{mode} import {dataset}_datasets"
+        return line, f"{dataset}_datasets"
+    test_file, meta = _locate(dataset)
+    split = meta.get("reader_cfg", {}).get("test_split", "val")
+    name = meta.get("abbr", test_file.stem)
+    # OpenCompass's custom-dataset format: C-Eval columns are read as multiple choice (data_type mcq).
+    spec = {"abbr": name, "path": f"{data_root}/{name}/{split}.jsonl" if name in list_datasets() else str(test_file),
+            "data_type": "mcq", "infer_method": mode}
+    if test_range is not None:
+        spec["test_range"] = test_range
+    return None, f"[{_py(spec)}]"
+
+
+def export_opencompass_config(models, datasets, path, *, mode: str = "gen", test_range: str | None = None,
+                              work_dir: str = "./outputs/course_eval", data_root: str = "data/eval",
+                              served_model: str = "internlm2_5-1_8b-chat") -> str:
+    """Write a real OpenCompass config evaluating ``models`` on ``datasets``; returns the command to run it.
+
+    ``models``: registry names (InternLM ones import OpenCompass's own configs, pointed at the
+    InternStudio copies), folders (``HuggingFacewithChatTemplate``) or endpoint URLs (``OpenAISDK``).
+    ``datasets``: "ceval", "cmmlu", "mmlu" (``<name>_gen``/``<name>_ppl`` configs) or course sets from
+    ``data/eval/`` (custom mcq datasets). ``test_range`` (e.g. "[0:20]") goes into every reader_cfg.
+    """
+    if mode not in ("gen", "ppl"):
+        raise CourseError(f"mode={mode!r}: OpenCompass configs exist for 'gen' and 'ppl'.")
+    if isinstance(models, (str, Path)):
+        models = [models]
+    if isinstance(datasets, (str, Path)):
+        datasets = [datasets]
+    if test_range is not None:
+        parse_range(test_range, 0)  # the same syntax check OpenCompass would fail on later
+    path = Path(path)
+    try:  # inside the repo, name the config by its repo-relative path (no home folders in outputs)
+        shown = path.resolve().relative_to(REPO_ROOT)
+    except ValueError:
+        shown = path
+    command = f"python run.py {shown} --debug"
+    imports, model_exprs, data_exprs, ranged = [], [], [], []
+    for i, model in enumerate(models):
+        line, expr = _oc_model(model, i, served_model)
+        imports += [line] if line else []
+        model_exprs.append(expr)
+    for dataset in datasets:
+        line, expr = _oc_dataset(str(dataset), mode, test_range, data_root)
+        imports += [line] if line else []
+        data_exprs.append(expr)
+        ranged += [expr] if line and test_range is not None else []
+    lines = [CONFIG_HEADER.format(command=command),
+             "from mmengine.config import read_base",
+             "from opencompass.models import HuggingFacewithChatTemplate, OpenAISDK", "",
+             "with read_base():", *(f"    {line}" for line in imports or ["pass"]), "",
+             f"datasets = [{', '.join(f'*{e}' for e in data_exprs)}]",
+             f"models = [{', '.join(f'*{e}' for e in model_exprs)}]"]
+    if ranged:
+        lines += ["", "# Evaluate a slice of each benchmark (OpenCompass's test_range), as the lesson does.",
+                  f"for _d in [{', '.join(f'*{e}' for e in ranged)}]:",
+                  f"    _d['reader_cfg']['test_range'] = {test_range!r}"]
+    lines += ["", f"work_dir = {work_dir!r}", ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return command
+
+
+# ---- results as tables (OpenCompass's summarizer) ------------------------------------------------
+def load_predictions(path) -> "pd.DataFrame":
+    """A predictions JSONL file as a table (one row per question)."""
+    import pandas as pd
+
+    return pd.DataFrame([json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line])
+
+
+
+def summary_table(results, *, categories: bool = False):
+    """OpenCompass's summary: dataset, version, metric, mode, then one accuracy column per model."""
+    import pandas as pd
+
+    cells: dict[tuple, dict] = {}
+    models: list[str] = []
+    for r in results:
+        r = r if isinstance(r, dict) else asdict(r)
+        models += [r["model"]] if r["model"] not in models else []
+        name = r["dataset"] + (f"_{r['shots']}shot" if r["shots"] else "")
+        rows = [(name, r["accuracy"])]
+        if categories:
+            rows += [(f"{name}-{c}", acc) for c, acc in r["by_category"].items()]
+        for dataset, acc in rows:
+            cells.setdefault((dataset, r["version"], "accuracy", r["mode"]), {})[r["model"]] = acc
+    table = pd.DataFrame([{"dataset": k[0], "version": k[1], "metric": k[2], "mode": k[3], **v}
+                          for k, v in cells.items()], columns=["dataset", "version", "metric", "mode", *models])
+    return table.fillna("-")
+
+
+def summarize(run_dir, *, categories: bool = False):
+    """The summary of every result in a run folder; also written to ``summary/summary.{csv,txt}``."""
+    run_dir = Path(run_dir)
+    files = sorted((run_dir / "results").glob("*/*.json"), key=lambda p: (p.stat().st_mtime_ns, p.name))
+    table = summary_table([json.loads(p.read_text(encoding="utf-8")) for p in files], categories=categories)
+    (run_dir / "summary").mkdir(parents=True, exist_ok=True)
+    table.to_csv(run_dir / "summary" / "summary.csv", index=False)
+    (run_dir / "summary" / "summary.txt").write_text(table.to_string(index=False) + "\n", encoding="utf-8")
+    return table
+
+
+def disagreements(a, b):
+    """Questions where two results pick different options, with the gold answer and any raw reply."""
+    la, lb = (a.mode, b.mode) if a.mode != b.mode else (a.model, b.model)
+    la, lb = (la, lb) if la != lb else (f"{la} #1", f"{lb} #2")
+
+    def picks(result, label: str):
+        table = result.predictions().set_index("id")
+        names = {"prediction": label, **({"output": f"{label} output"} if "output" in table else {})}
+        return table[list(names)].rename(columns=names)
+
+    both = a.predictions().set_index("id")[["category", "gold"]].join(picks(a, la)).join(picks(b, lb), how="inner")
+    return both[both[la].fillna("-") != both[lb].fillna("-")]
+
+
+def plot_comparison(table, *, ax=None, title: str = "accuracy (%)"):
+    """A grouped bar chart of a summary table: one group per dataset/mode row, one bar per model."""
+    import matplotlib.pyplot as plt
+
+    models = [c for c in table.columns if c not in ("dataset", "version", "metric", "mode")]
+    data = table.set_index(table["dataset"] + " (" + table["mode"] + ")")[models].replace("-", float("nan"))
+    ax = data.astype(float).plot.bar(ax=ax or plt.subplots(figsize=(8, 3.5))[1], rot=0)
+    ax.set_ylabel(title), ax.set_xlabel(""), ax.set_ylim(0, 100)
+    ax.axhline(100 / len(OPTIONS), color="grey", linestyle="--", linewidth=1, label="chance")
+    ax.legend(loc="upper right", fontsize="small")
+    return ax

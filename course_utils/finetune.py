@@ -1,0 +1,530 @@
+"""LoRA / QLoRA fine-tuning in the shape of an XTuner run, on the Hugging Face ``Trainer``.
+
+``FinetuneConfig`` mirrors the five parts of an XTuner config; ``train(cfg)`` runs it (LoRA on
+the CPU, QLoRA NF4 through bitsandbytes on a GPU or, when asked, on the CPU), prints the
+model's replies every ``evaluation_freq`` steps like XTuner's ``EvaluateChatHook``, saves
+checkpoints every ``save_steps`` and resumes from the last one with ``resume=True``.
+``merge_adapter`` folds the adapter into a full-precision base and checks the reply first;
+``export_xtuner_config`` writes the same run as a real XTuner config file.
+Data and tokenisation live in ``course_utils.sft_data``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from .errors import CourseError
+
+PARTS = {  # field -> (XTuner config part, XTuner variable name)
+    "data_path": ("1 settings", "alpaca_en_path"), "work_dir": ("1 settings", "--work-dir"),
+    "seed": ("1 settings", "randomness.seed"),
+    "model": ("2 model & tokenizer", "pretrained_model_name_or_path"),
+    "quantization": ("2 model & tokenizer", "quantization_config"),
+    "lora_r": ("2 model & tokenizer", "lora.r"), "lora_alpha": ("2 model & tokenizer", "lora.lora_alpha"),
+    "lora_dropout": ("2 model & tokenizer", "lora.lora_dropout"),
+    "lora_targets": ("2 model & tokenizer", "lora.target_modules"),
+    "max_length": ("3 dataset & dataloader", "max_length"),
+    "pack_to_max_length": ("3 dataset & dataloader", "pack_to_max_length"),
+    "batch_size": ("3 dataset & dataloader", "batch_size"),
+    "accumulative_counts": ("4 scheduler & optimizer", "accumulative_counts"),
+    "max_epochs": ("4 scheduler & optimizer", "max_epochs"),
+    "max_steps": ("4 scheduler & optimizer", "train_cfg.max_iters"),
+    "lr": ("4 scheduler & optimizer", "lr"), "weight_decay": ("4 scheduler & optimizer", "weight_decay"),
+    "max_norm": ("4 scheduler & optimizer", "max_norm"),
+    "warmup_ratio": ("4 scheduler & optimizer", "warmup_ratio"),
+    "system_prompt": ("5 runtime", "SYSTEM"),
+    "evaluation_inputs": ("5 runtime", "evaluation_inputs"),
+    "evaluation_freq": ("5 runtime", "evaluation_freq"),
+    "eval_max_new_tokens": ("5 runtime", "EvaluateChatHook.max_new_tokens"),
+    "save_steps": ("5 runtime", "save_steps"), "save_total_limit": ("5 runtime", "save_total_limit"),
+    "gradient_checkpointing": ("5 runtime", "gradient_checkpointing"),
+}
+
+
+@dataclass
+class FinetuneConfig:
+    """One fine-tuning run. Defaults suit the tiny profile (SmolLM2-135M on a 2-core CPU)."""
+
+    # PART 1 settings
+    data_path: str | None = None  # None: the identity dataset make_identity_dataset() wrote
+    work_dir: str | None = None  # None: outputs/finetune/run
+    seed: int = 42
+    # PART 2 model & tokenizer
+    model: str | None = None  # registry name or folder; None: the profile's chat model
+    quantization: str | None = None  # "4bit": QLoRA (NF4 + double quant); None: plain LoRA
+    lora_r: int = 8
+    lora_alpha: int = 16  # the update is scaled by lora_alpha / lora_r
+    lora_dropout: float = 0.0
+    lora_targets: str | list[str] = "all-linear"  # XTuner's default: every linear layer
+    # PART 3 dataset & dataloader
+    max_length: int = 64  # tokens per row; longer conversations are cut
+    pack_to_max_length: bool = False  # concatenate short examples into max_length rows
+    batch_size: int = 4  # rows per step and device
+    # PART 4 scheduler & optimizer
+    accumulative_counts: int = 1  # gradient accumulation: optimizer step every N batches
+    max_epochs: float = 3
+    max_steps: int | None = None  # when set, overrides max_epochs (optimizer steps)
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    max_norm: float = 1.0  # gradient clipping
+    warmup_ratio: float = 0.0  # linear warm-up share, then cosine decay
+    # PART 5 runtime
+    system_prompt: str | None = None  # None: the chat template's own default
+    evaluation_inputs: list[str] = field(
+        default_factory=lambda: ["Please introduce yourself.", "Who are you?"])
+    evaluation_freq: int = 3  # EvaluateChatHook: print replies every N steps (0: only at the end)
+    eval_max_new_tokens: int = 24  # the target reply is ~15 tokens
+    save_steps: int = 3  # checkpoint every N steps (resume=True starts from the last one)
+    save_total_limit: int = 2
+    gradient_checkpointing: bool = False  # recompute activations: less memory, ~30% slower
+
+    @classmethod
+    def for_profile(cls, profile: str | None = None, **overrides) -> "FinetuneConfig":
+        """The tiny defaults, or the bootcamp's XTuner QLoRA settings on InternStudio."""
+        from .env import profile as active_profile
+
+        base = GPU_SETTINGS if (profile or active_profile()) == "internstudio" else {}
+        return cls(**{**base, **overrides})
+
+    def table(self):
+        """The config as a table grouped like an XTuner config file."""
+        import pandas as pd
+
+        rows = [(*PARTS[f.name], f.name, repr(_shown(getattr(self, f.name)))) for f in fields(self)]
+        return pd.DataFrame(rows, columns=["part", "XTuner name", "field", "value"]).set_index(
+            ["part", "field"])
+
+
+def _shown(value):
+    """Paths inside the repository as repo-relative strings (no absolute paths in outputs)."""
+    from .paths import REPO_ROOT
+
+    if isinstance(value, (str, Path)) and os.path.isabs(value):
+        try:
+            return str(Path(value).resolve().relative_to(REPO_ROOT))
+        except ValueError:
+            return str(value)
+    return value
+
+
+# The bootcamp's internlm2_5_chat_*_qlora_*_e3 settings (XTuner configs), for a CUDA GPU.
+GPU_SETTINGS = dict(
+    model="internlm2_5-1_8b-chat", quantization="4bit", lora_r=64, lora_alpha=16,
+    lora_dropout=0.1, max_length=2048, pack_to_max_length=True, batch_size=1,
+    accumulative_counts=16, max_epochs=3, lr=2e-4, warmup_ratio=0.03,
+    evaluation_inputs=["请介绍一下你自己", "Please introduce yourself"], evaluation_freq=10,
+    eval_max_new_tokens=128, save_steps=20, gradient_checkpointing=True,
+)
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` returns; ``model``/``tokenizer`` are the trained PEFT model, still loaded."""
+
+    adapter_dir: Path
+    train_seconds: float
+    global_step: int
+    log: object  # pandas DataFrame: step, epoch, loss, lr
+    eval_replies: object  # pandas DataFrame: step, question, reply
+    peak_memory_gb: float  # peak RSS of this process (CPU) or peak CUDA memory (GPU)
+    resumed_from: int | None = None
+    model: object = field(default=None, repr=False)
+    tokenizer: object = field(default=None, repr=False)
+
+    @property
+    def replies(self) -> dict[str, str]:
+        """The last evaluation's reply to each evaluation input."""
+        last = self.eval_replies[self.eval_replies.step == self.eval_replies.step.max()]
+        return dict(zip(last.question, last.reply))
+
+
+def quiet_libraries() -> None:
+    """Silence library chatter that is not about the learner's run (kept out of stored outputs)."""
+    # bitsandbytes warns on import that an optional faster CPU kernel package is missing.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # peft 0.21 reads a transformers property that 5.x deprecates; nothing for the learner to do.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def reply(model, tokenizer, question: str | list[dict], *, system: str | None = None,
+          max_new_tokens: int = 32) -> str:
+    """The model's greedy reply to one question (or a message list), without the prompt."""
+    import torch
+
+    messages = question if isinstance(question, list) else [{"role": "user", "content": question}]
+    if system and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system}] + messages
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                        return_dict=True).to(model.device)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def _callbacks(cfg: FinetuneConfig, tokenizer, sink: dict):
+    """The concise step log and the EvaluateChatHook, as ``TrainerCallback`` objects."""
+    from transformers import TrainerCallback
+
+    class ConciseLog(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                sink["log"].append({"step": state.global_step, "epoch": round(state.epoch, 2),
+                                    "loss": logs["loss"], "lr": logs.get("learning_rate")})
+                print(f"step {state.global_step:>3}/{state.max_steps}  loss {logs['loss']:.3f}")
+
+    class EvaluateChat(TrainerCallback):
+        def evaluate(self, model, step):
+            was_training = model.training
+            model.eval()
+            for q in cfg.evaluation_inputs:
+                text = reply(model, tokenizer, q, system=cfg.system_prompt,
+                             max_new_tokens=cfg.eval_max_new_tokens)
+                sink["eval"].append({"step": step, "question": q, "reply": text})
+                print(f"  [eval @ step {step}] {q} -> {text}")
+            model.train(was_training)
+
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            self.evaluate(model, state.global_step)
+
+        def on_log(self, args, state, control, logs=None, model=None, **kw):
+            # on_log (after ConciseLog's line), not on_step_end: the step's loss prints first
+            due = cfg.evaluation_freq and state.global_step % cfg.evaluation_freq == 0
+            if logs and "loss" in logs and due:
+                self.evaluate(model, state.global_step)
+
+        def on_train_end(self, args, state, control, model=None, **kw):
+            if not sink["eval"] or sink["eval"][-1]["step"] != state.global_step:
+                self.evaluate(model, state.global_step)
+
+    return [ConciseLog(), EvaluateChat()]
+
+
+def _paths(cfg: FinetuneConfig) -> tuple[Path, Path]:
+    from .paths import outputs_dir
+
+    work = Path(cfg.work_dir) if cfg.work_dir else outputs_dir() / "finetune" / "run"
+    data = Path(cfg.data_path) if cfg.data_path else outputs_dir() / "finetune" / "data" / "identity.json"
+    if cfg.data_path is None and not data.is_file():
+        raise CourseError("No dataset yet: run make_identity_dataset('your name') first, or set "
+                          "FinetuneConfig(data_path=...).")
+    return work, data
+
+
+def _check(cfg: FinetuneConfig) -> None:
+    if cfg.quantization not in (None, "4bit"):
+        raise CourseError(f"quantization={cfg.quantization!r}: use None (LoRA) or '4bit' (QLoRA).")
+    for name in ("lora_r", "max_length", "batch_size", "accumulative_counts", "save_steps"):
+        if getattr(cfg, name) < 1:
+            raise CourseError(f"{name}={getattr(cfg, name)} must be at least 1.")
+    if not cfg.evaluation_inputs:
+        raise CourseError("evaluation_inputs is empty: give at least one question to watch.")
+
+
+def load_for_training(cfg: FinetuneConfig):
+    """``(peft_model, tokenizer)``: the base model (4-bit for QLoRA) with fresh LoRA adapters."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from .models import load_model
+
+    torch.manual_seed(cfg.seed)  # LoRA's A matrices are drawn here
+    model, tokenizer = load_model(cfg.model, quantization=cfg.quantization)
+    if cfg.quantization:  # fp32 norms/head and input grads, as XTuner does for QLoRA
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=cfg.lora_targets, bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, lora), tokenizer
+
+
+def _training_args(cfg: FinetuneConfig, work: Path):
+    import torch
+    from transformers import TrainingArguments
+
+    cuda = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(work), per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.accumulative_counts, num_train_epochs=cfg.max_epochs,
+        max_steps=cfg.max_steps or -1, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_norm, warmup_steps=cfg.warmup_ratio, lr_scheduler_type="cosine",
+        logging_steps=1, save_strategy="steps", save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit, seed=cfg.seed, data_seed=cfg.seed,
+        bf16=cuda and torch.cuda.is_bf16_supported(), use_cpu=not cuda, optim="adamw_torch",
+        report_to=[], disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0,
+        dataloader_pin_memory=cuda,
+    )
+
+
+def _peak_memory_gb() -> float:
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # KiB -> GiB
+
+
+def _start_step(work: Path, resume: bool) -> str | None:
+    """The checkpoint to resume from; without ``resume`` old checkpoints are cleared."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(work)) if work.is_dir() else None
+    if resume:
+        if last is None:
+            print("resume=True but no checkpoint in the work dir: starting from step 0.")
+        return last
+    for old in work.glob("checkpoint-*"):
+        shutil.rmtree(old)  # a fresh run must not mix with an older one's checkpoints
+    return None
+
+
+def train(cfg: FinetuneConfig | None = None, *, resume: bool = False, callbacks=()) -> TrainResult:
+    """Fine-tune with LoRA/QLoRA as ``cfg`` says; returns the adapter folder, log and replies."""
+    import pandas as pd
+    from transformers import PrinterCallback, Trainer, set_seed
+
+    from .sft_data import build_examples, collate, load_conversations
+
+    cfg = cfg or FinetuneConfig()
+    _check(cfg)
+    work, data = _paths(cfg)
+    conversations = load_conversations(data)  # validate before the slow model load
+    quiet_libraries()
+    set_seed(cfg.seed)
+    model, tokenizer = load_for_training(cfg)
+    examples = build_examples(tokenizer, conversations, cfg.max_length, pack=cfg.pack_to_max_length)
+    checkpoint = _start_step(work, resume)
+    sink = {"log": [], "eval": []}
+    trainer = Trainer(model=model, args=_training_args(cfg, work), train_dataset=examples,
+                      data_collator=lambda batch: collate(batch, tokenizer.pad_token_id),
+                      callbacks=_callbacks(cfg, tokenizer, sink) + list(callbacks))
+    trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; ConciseLog prints ours
+    start = time.perf_counter()
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    except KeyboardInterrupt:
+        print("Interrupted. Continue from the last checkpoint with train(cfg, resume=True).")
+        raise
+    seconds = time.perf_counter() - start
+    adapter_dir = save_adapter(model, tokenizer, cfg, work / "adapter")
+    return TrainResult(adapter_dir, round(seconds, 1), trainer.state.global_step,
+                       pd.DataFrame(sink["log"]), pd.DataFrame(sink["eval"]), _peak_memory_gb(),
+                       int(Path(checkpoint).name.split("-")[1]) if checkpoint else None,
+                       model.eval(), tokenizer)
+
+
+def save_adapter(model, tokenizer, cfg: FinetuneConfig, out: Path) -> Path:
+    """Save the LoRA adapter in PEFT format (what ``xtuner convert pth_to_hf`` writes) + config."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "finetune_config.json").write_text(json.dumps(asdict(cfg), indent=1, ensure_ascii=False))
+    return out
+
+
+def plot_loss(log, title: str = "training loss"):
+    """The loss per optimizer step as a line plot; returns the figure."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.plot(log["step"], log["loss"], marker="o")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (assistant tokens)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    plt.close(fig)  # shown once by the notebook's display, not twice
+    return fig
+
+
+def compare_replies(model, tokenizer, questions: dict[str, list[str]], *, base: bool = True,
+                    max_new_tokens: int = 32):
+    """A table of replies per question: the base (adapter switched off) and the fine-tuned model."""
+    import pandas as pd
+
+    rows = []
+    for kind, qs in questions.items():
+        for q in qs:
+            row = {"kind": kind, "question": q}
+            if base:
+                with model.disable_adapter():
+                    row["base"] = reply(model, tokenizer, q, max_new_tokens=max_new_tokens)
+            row["fine-tuned"] = reply(model, tokenizer, q, max_new_tokens=max_new_tokens)
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def base_answers(model, tokenizer, questions: list[str], *, max_new_tokens: int = 48) -> list[dict]:
+    """The base model's own replies as ``{"input", "output"}`` pairs, to mix into the training data.
+
+    Training on them keeps those answers as they were (a guard against forgetting); on a PEFT
+    model the adapter is switched off while they are generated.
+    """
+    import contextlib
+
+    off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    with off:
+        return [{"input": q, "output": reply(model, tokenizer, q, max_new_tokens=max_new_tokens)}
+                for q in questions]
+
+
+def _is_quantized(model) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+                or getattr(model, "hf_quantizer", None) is not None)
+
+
+def _full_precision_base(base, adapter: Path):
+    """Load (or accept) the base model, refusing anything quantized."""
+    from .models import load_model, resolve
+
+    if base is None:
+        base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    if isinstance(base, tuple):
+        model, tokenizer = base
+    else:
+        config = json.loads((resolve(base) / "config.json").read_text())
+        if "quantization_config" in config:
+            raise CourseError(f"{base} is a quantized checkpoint; merge into the full-precision "
+                              "original instead.")
+        model, tokenizer = load_model(base)
+    if _is_quantized(model):
+        raise CourseError("The base is loaded in 4/8 bit: merging a LoRA adapter into quantized "
+                          "weights gives wrong replies. Load it in full precision "
+                          "(load_model(name) without quantization) and merge into that.")
+    return model, tokenizer
+
+
+def merge_adapter(base, adapter: str | Path, out: str | Path, *,
+                  prompts: list[str] | None = None) -> Path:
+    """Merge a LoRA adapter into a full-precision base and save it, after checking the replies.
+
+    ``base`` is a registry name, a folder, ``(model, tokenizer)`` (merged in place) or None
+    (the base recorded in the adapter). The merged model must give the same greedy reply as
+    base+adapter to every prompt, else nothing is written.
+    """
+    from peft import PeftModel
+
+    adapter, out = Path(adapter), Path(out)
+    if not (adapter / "adapter_config.json").is_file():
+        raise CourseError(f"{adapter.name!r} has no adapter_config.json: pass train()'s adapter_dir.")
+    quiet_libraries()
+    model, tokenizer = _full_precision_base(base, adapter)
+    prompts = prompts or _adapter_prompts(adapter)
+    peft_model = PeftModel.from_pretrained(model, adapter).eval()
+    expected = [reply(peft_model, tokenizer, p) for p in prompts]
+    merged = peft_model.merge_and_unload()
+    for p, want in zip(prompts, expected):
+        got = reply(merged, tokenizer, p)
+        if got != want:
+            raise CourseError(f"Merged model answers {p!r} with {got!r}, base+adapter with "
+                              f"{want!r}: not saved. Is the base the one the adapter was trained on?")
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)  # a half-written folder never carries the final name
+    return out
+
+
+def _adapter_prompts(adapter: Path) -> list[str]:
+    saved = adapter / "finetune_config.json"
+    if saved.is_file():
+        return list(json.loads(saved.read_text())["evaluation_inputs"])
+    return ["Please introduce yourself."]
+
+
+def _xtuner_model_path(name: str | None) -> str:
+    """What XTuner should load: the InternStudio share folder if present, else the hub id."""
+    from .models import REGISTRY, default_name, locate
+
+    name = name or default_name("chat")
+    if name not in REGISTRY:
+        return str(Path(name).resolve())
+    place, folder = locate(name)
+    return str(folder) if place == "share" else REGISTRY[name].hf_id
+
+
+def export_xtuner_config(cfg: FinetuneConfig, path: str | Path) -> Path:
+    """Write a real XTuner config for the same run (``xtuner train PATH --deepspeed ...``)."""
+    from string import Template
+
+    from .paths import DATA_DIR
+
+    path = Path(path)
+    _, data = _paths(cfg)
+    per_step = cfg.accumulative_counts  # XTuner iterations are batches, not optimizer steps
+    bnb = ("dict(type=BitsAndBytesConfig, load_in_4bit=True, load_in_8bit=False, "
+           "llm_int8_threshold=6.0, llm_int8_has_fp16_weight=False, "
+           "bnb_4bit_compute_dtype=torch.float16, bnb_4bit_use_double_quant=True, "
+           "bnb_4bit_quant_type='nf4')")
+    messages = data.suffix == ".jsonl" and '"messages"' in data.read_text(encoding="utf-8")[:2000]
+    values = dict(
+        config_name=path.name, run_name=path.stem, model_path=repr(_xtuner_model_path(cfg.model)),
+        data_path=repr(str(data.resolve())), data_format="OpenAI messages" if messages else
+        "XTuner conversation", dataset_map_fn="openai_map_fn" if messages else "None",
+        max_length=cfg.max_length, pack_to_max_length=cfg.pack_to_max_length,
+        batch_size=cfg.batch_size, accumulative_counts=cfg.accumulative_counts,
+        max_epochs=cfg.max_epochs, max_iters=cfg.max_steps and cfg.max_steps * per_step,
+        lr=cfg.lr, weight_decay=cfg.weight_decay, max_norm=cfg.max_norm,
+        warmup_ratio=cfg.warmup_ratio, save_iters=cfg.save_steps * per_step,
+        save_total_limit=cfg.save_total_limit,
+        evaluation_iters=max(cfg.evaluation_freq, 1) * per_step, system=repr(cfg.system_prompt or ""),
+        evaluation_inputs=repr(list(cfg.evaluation_inputs)),
+        quantization_config=bnb if cfg.quantization == "4bit" else "None",
+        lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        target_modules=None if cfg.lora_targets == "all-linear" else repr(list(cfg.lora_targets)),
+        seed=cfg.seed,
+    )
+    text = Template((DATA_DIR / "finetune" / "xtuner_config.py.tmpl").read_text()).substitute(values)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def estimate_qlora_memory(shape, cfg: FinetuneConfig | None = None) -> dict[str, float]:
+    """GiB a QLoRA run needs on a GPU, by part (an estimate; see docs/benchmarks.md for sources).
+
+    ``shape`` is a ``course_utils.memory.ModelShape``. NF4 with double quantization stores
+    ~4.13 bits per linear weight; peft's prepare_model_for_kbit_training keeps embeddings and
+    the output head in fp32; LoRA weights, grads and AdamW moments take 16 bytes per parameter;
+    with gradient checkpointing each layer keeps its bf16 input, and the loss holds fp32 logits
+    (and their gradient) for every token.
+    """
+    cfg = cfg or FinetuneConfig.for_profile("internstudio")
+    h, inter = shape.hidden, shape.intermediate
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim  # projection widths
+    linear = h * (q + 2 * kv) + q * h + 3 * h * inter  # per layer: q, k, v, o, gate, up, down
+    lora = cfg.lora_r * (3 * h + q + 2 * kv + q + h + 2 * (h + inter) + inter + h)  # r*(in+out) each
+    embed = shape.vocab * h * (1 if shape.tied_embeddings else 2)
+    tokens = cfg.batch_size * cfg.max_length
+    layer_act = 34 * tokens * h  # bytes one bf16 layer keeps for backward (Korthikanti et al.)
+    act = shape.layers * tokens * h * 2 + layer_act if cfg.gradient_checkpointing else \
+        shape.layers * layer_act  # with checkpointing: each layer's input + one recomputed layer
+    parts = {
+        "4-bit linear weights": shape.layers * linear * (0.5 + 1 / 64 + 4 / (64 * 256)),
+        "fp32 embeddings + head": embed * 4,
+        "LoRA weights+grads+AdamW": shape.layers * lora * 16,
+        "activations": act,
+        "logits + grad (fp32)": tokens * shape.vocab * 4 * 2,
+        "CUDA context + allocator": 1.0 * 2**30,
+    }
+    parts = {k: round(v / 2**30, 2) for k, v in parts.items()}
+    parts["total"] = round(sum(parts.values()), 2)
+    return parts

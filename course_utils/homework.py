@@ -1,0 +1,769 @@
+"""Homework that grades itself: tasks, checks that recompute the learner's work, saved progress.
+
+In a homework notebook each task is a stub cell (tag ``task:<id>``) defining a function that
+raises ``NotImplementedError("TODO: ...")`` until the learner writes it, called through
+``attempt()`` so an unfinished notebook still runs top to bottom, and a check cell (tag
+``check:<id>``) calling ``check(id, answer)``. ``check`` never raises: it prints ✅ with what it
+verified or ❌ with what is missing and a hint, saves the outcome to ``homework/.progress.json``
+and tags its output with a JSON record that the grader (``course_utils.grading``) reads back.
+
+Checks verify the work, not its wording: they re-count the story, re-parse the downloaded file,
+re-ask the fine-tuned model, re-measure memory and re-score the predictions file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+MIME = "application/vnd.course-homework+json"  # the grader reads check records by this type
+PROGRESS_ENV = "COURSE_HOMEWORK_PROGRESS"
+
+
+@dataclass(frozen=True)
+class Task:
+    id: str  # "L<lesson>.<name>", e.g. "L4.identity"
+    lesson: int
+    level: str  # "basic" or "advanced"
+    title: str
+    hint: str  # shown with ❌
+    checker: Callable[[Any], str]  # returns what it verified; raises Missing otherwise
+
+
+TASKS: dict[str, Task] = {}
+
+
+class Missing(Exception):
+    """What an answer lacks; ``check`` shows it next to the task's hint."""
+
+
+@dataclass
+class NotDone:
+    """What ``attempt`` returns while a stub still raises NotImplementedError."""
+
+    message: str
+
+
+@dataclass
+class Crashed:
+    """What ``attempt`` returns when the learner's function raised another error."""
+
+    error: str
+
+
+@dataclass
+class Result:
+    task: str
+    passed: bool
+    detail: str
+    hint: str = ""
+
+    def line(self) -> str:
+        """The one line a learner sees: ✅ with what was verified, ❌ with what is missing."""
+        if self.passed:
+            return f"✅ {self.task}: {self.detail}"
+        return f"❌ {self.task}: {self.detail}" + (f"\n   hint: {self.hint}" if self.hint else "")
+
+
+def task(task_id: str, *, level: str, title: str, hint: str):
+    """Register the decorated function as the checker of ``task_id``."""
+    def register(checker: Callable[[Any], str]) -> Callable[[Any], str]:
+        lesson = int(task_id.split(".")[0].lstrip("L"))
+        TASKS[task_id] = Task(task_id, lesson, level, title, hint, checker)
+        return checker
+    return register
+
+
+def lesson_tasks(lesson: int) -> list[Task]:
+    """The tasks of one lesson, basic ones first, in registration order."""
+    tasks = [t for t in TASKS.values() if t.lesson == lesson]
+    return sorted(tasks, key=lambda t: t.level != "basic")
+
+
+# ---- running a task and checking it ------------------------------------------------------------
+
+def attempt(fn: Callable, *args, **kwargs):
+    """Call the learner's function; a stub or a bug becomes a value the check reports, not a crash."""
+    try:
+        return fn(*args, **kwargs)
+    except NotImplementedError as exc:
+        message = str(exc) or f"{getattr(fn, '__name__', 'the function')} is not written yet"
+        print(f"⏳ not done yet: {message}")
+        return NotDone(message)
+    except Exception as exc:  # the learner's bug: show it, keep the notebook running
+        frames = traceback.format_exception(exc)
+        print("".join(frames[:1] + frames[2:]).rstrip(), file=sys.stderr)  # drop attempt's own frame
+        return Crashed(f"{type(exc).__name__}: {exc}")
+
+
+def run_check(task_id: str, answer) -> Result:
+    """Check ``answer`` for ``task_id`` and return the outcome; never raises."""
+    spec = TASKS.get(task_id)
+    if spec is None:
+        return Result(task_id, False, f"unknown task id; this course has {', '.join(TASKS)}")
+    if isinstance(answer, NotDone):
+        return Result(task_id, False, f"not done yet ({answer.message})", spec.hint)
+    if isinstance(answer, Crashed):
+        return Result(task_id, False, f"your code raised {answer.error}", spec.hint)
+    if answer is None:
+        return Result(task_id, False, "no answer: the task function returned None (a missing return?)",
+                      spec.hint)
+    try:
+        return Result(task_id, True, spec.checker(answer))
+    except Missing as exc:
+        return Result(task_id, False, str(exc), spec.hint)
+    except Exception as exc:  # a check must never stop the notebook
+        return Result(task_id, False, f"could not check the answer ({type(exc).__name__}: {exc})",
+                      spec.hint)
+
+
+def _display(text: str, record: dict) -> None:
+    """Print ``text``; in a notebook also attach ``record`` as JSON for the grader."""
+    try:
+        from IPython import get_ipython
+        from IPython.display import display
+
+        if get_ipython() is not None:
+            display({"text/plain": text, MIME: record}, raw=True)
+            return
+    except ImportError:
+        pass
+    print(text)
+
+
+def check(task_id: str, answer) -> None:
+    """Check the answer, print ✅/❌ with details, save progress. Never raises."""
+    result = run_check(task_id, answer)
+    try:
+        _display(result.line(), {"event": "check", **asdict(result)})
+        record_progress(result)
+    except Exception as exc:  # e.g. a read-only folder: the check itself still counts
+        print(f"(progress not saved: {exc})", file=sys.stderr)
+
+
+# ---- progress file -----------------------------------------------------------------------------
+
+def progress_path() -> Path:
+    """``COURSE_HOMEWORK_PROGRESS`` if set, else ``homework/.progress.json`` at the repo root."""
+    from .paths import REPO_ROOT
+
+    return Path(os.environ.get(PROGRESS_ENV) or REPO_ROOT / "homework" / ".progress.json")
+
+
+def load_progress() -> dict:
+    """The saved progress (``{"student": ..., "tasks": {id: {...}}}``); empty if none or unreadable."""
+    try:
+        data = json.loads(progress_path().read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) and isinstance(data.get("tasks"), dict) else {"tasks": {}}
+    except (OSError, ValueError):
+        return {"tasks": {}}
+
+
+def _save_progress(data: dict) -> None:
+    path = progress_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")  # write then rename: never a half-written file
+    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def record_progress(result: Result) -> None:
+    """Save the latest outcome of one task (and when it first passed)."""
+    data = load_progress()
+    before = data["tasks"].get(result.task, {})
+    entry = {"passed": result.passed, "detail": result.detail,
+             "checked_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    entry["first_passed_at"] = before.get("first_passed_at") or (
+        entry["checked_at"] if result.passed else None)
+    data["tasks"][result.task] = entry
+    _save_progress(data)
+
+
+def start(lesson: int, student: str = "") -> None:
+    """Open a homework notebook: remember the student, list the lesson's tasks and saved progress."""
+    data = load_progress()
+    student = (student or "").strip() or data.get("student", "")
+    if student and data.get("student") != student:
+        data["student"] = student
+        try:
+            _save_progress(data)
+        except OSError as exc:
+            print(f"(progress not saved: {exc})", file=sys.stderr)
+    lines = [f"Homework for lesson {lesson}" + (f" · student: {student}" if student else
+                                                " · tip: homework.start(..., student='your name')")]
+    for spec in lesson_tasks(lesson):
+        saved = data["tasks"].get(spec.id)
+        state = "not checked yet" if saved is None else ("✅ passed" if saved["passed"] else "❌ not yet")
+        lines.append(f"  {spec.id:<16} {spec.level:<8} {spec.title}  [{state}]")
+    _display("\n".join(lines), {"event": "start", "lesson": lesson, "student": student})
+
+
+def summary(lesson: int) -> None:
+    """Print this lesson's tasks with their saved outcome: the end-of-notebook scoreboard."""
+    tasks = load_progress()["tasks"]
+    done = 0
+    for spec in lesson_tasks(lesson):
+        saved = tasks.get(spec.id)
+        passed = bool(saved and saved["passed"])
+        done += passed
+        print(f"{'✅' if passed else '❌'} {spec.id:<16} {spec.level:<8} {spec.title}")
+    print(f"{done}/{len(lesson_tasks(lesson))} tasks passed")
+
+
+# ---- shared helpers for checks ------------------------------------------------------------------
+
+def _field(answer, key: str, kind=None):
+    """``answer[key]`` (dict) or ``answer.key`` (object), type-checked; Missing names what to add."""
+    value = answer.get(key) if isinstance(answer, dict) else getattr(answer, key, None)
+    if value is None:
+        raise Missing(f"the answer has no {key!r}: return a dict with {key!r} in it")
+    if kind is not None and not isinstance(value, kind):
+        names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise Missing(f"{key!r} should be a {names}, got {type(value).__name__}")
+    return value
+
+
+def _close(value: float, expected: float, rel: float) -> bool:
+    return abs(float(value) - expected) <= rel * abs(expected)
+
+
+# ---- lesson 1: environment and memory ----------------------------------------------------------
+
+# (model, precision, GPU slice, context tokens, batch): "will model X fit on GPU slice Y at precision Z"
+MEMORY_QUESTIONS = [
+    ("InternLM2.5-1.8B", "fp16", "10% A100 (8 GB)", 4096, 1),
+    ("InternLM2.5-7B", "fp16", "10% A100 (8 GB)", 4096, 1),
+    ("InternLM2.5-7B", "int4", "10% A100 (8 GB)", 4096, 1),
+    ("InternLM2.5-20B", "fp16", "30% A100 (24 GB)", 4096, 1),
+    ("InternLM2.5-20B", "int4", "30% A100 (24 GB)", 4096, 1),
+    ("InternLM2.5-7B", "int8", "30% A100 (24 GB)", 32768, 2),
+    ("InternLM2.5-7B", "fp16", "30% A100 (24 GB)", 32768, 4),
+]
+MAX_CONTEXT_QUESTION = ("InternLM2.5-7B", "int4", "10% A100 (8 GB)")  # batch 1, fp16 KV cache
+
+
+@task("L1.env", level="basic", title="environment report",
+      hint="course_utils.env.detect() and profile(), course_utils.models.default_name('chat')")
+def _check_env(answer) -> str:
+    from .env import detect, profile
+    from .models import default_name
+
+    facts = detect()
+    truth = {"python": facts.python, "torch": facts.torch, "cuda": facts.cuda,
+             "gpu": facts.gpu_name, "profile": profile(), "chat_model": default_name("chat")}
+    if not isinstance(answer, dict):
+        raise Missing(f"return a dict with keys {', '.join(truth)}")
+    absent = [k for k in truth if k not in answer]
+    if absent:
+        raise Missing(f"the report lacks {', '.join(absent)}")
+    wrong = [f"{k}={answer[k]!r} but this kernel has {v!r}" for k, v in truth.items() if answer[k] != v]
+    if wrong:
+        raise Missing("; ".join(wrong))
+    gpu = truth["gpu"] or "no GPU"
+    return (f"Python {truth['python']}, torch {truth['torch']}, {gpu}, profile {truth['profile']}, "
+            f"chat model {truth['chat_model']}: all match this kernel")
+
+
+def _question_total(model: str, precision: str, context: int, batch: int) -> float:
+    from .memory import INTERNLM2_5, total_memory_gb
+
+    return total_memory_gb(INTERNLM2_5[model], precision, context=context, batch=batch)
+
+
+@task("L1.memory", level="basic", title="memory calculator questions",
+      hint="course_utils.memory.total_memory_gb(INTERNLM2_5[model], precision, context=..., batch=...) "
+           "<= the slice's GB (GPU_BUDGETS_GB)")
+def _check_memory(answer) -> str:
+    from .memory import GPU_BUDGETS_GB
+
+    if not isinstance(answer, (list, tuple)) or len(answer) != len(MEMORY_QUESTIONS):
+        raise Missing(f"return a list with one (total_gb, fits) per question: "
+                      f"{len(MEMORY_QUESTIONS)} of them")
+    wrong = []
+    for n, (item, (model, precision, gpu, context, batch)) in enumerate(zip(answer, MEMORY_QUESTIONS), 1):
+        total, fits = (item["total_gb"], item["fits"]) if isinstance(item, dict) else item
+        expected = _question_total(model, precision, context, batch)
+        if not _close(total, expected, 0.03):
+            wrong.append(f"Q{n} total {float(total):.2f} GiB, expected about {expected:.2f}")
+        elif bool(fits) != (expected <= GPU_BUDGETS_GB[gpu]):
+            wrong.append(f"Q{n} fits={bool(fits)} but {expected:.2f} GiB vs {GPU_BUDGETS_GB[gpu]} GB")
+    if wrong:
+        raise Missing("; ".join(wrong))
+    return f"all {len(MEMORY_QUESTIONS)} totals within 3% and every fits/doesn't-fit verdict right"
+
+
+@task("L1.max_context", level="advanced", title="longest context that fits",
+      hint="solve total_memory_gb(shape, 'int4', context=n) <= 8 for n: "
+           "(8 - 1 GiB overhead - weights) / kv_bytes_per_token")
+def _check_max_context(answer) -> str:
+    from .memory import GPU_BUDGETS_GB
+
+    model, precision, gpu = MAX_CONTEXT_QUESTION
+    budget = GPU_BUDGETS_GB[gpu]
+    if isinstance(answer, bool) or not isinstance(answer, (int, float)) or answer <= 0:
+        raise Missing("return the number of tokens, a positive int")
+    n = int(answer)
+    if _question_total(model, precision, n, 1) > budget:
+        raise Missing(f"{n} tokens need {_question_total(model, precision, n, 1):.4f} GiB > {budget} GB")
+    if _question_total(model, precision, int(n * 1.01) + 1, 1) <= budget:
+        raise Missing(f"{n} tokens fit, but so do 1% more: find the largest context")
+    return f"{n} tokens fit in {budget} GB and 1% more would not"
+
+
+# ---- lesson 2: chat, hub download, agent ---------------------------------------------------------
+
+STORY_MIN = 300  # English words, or Chinese characters for a Chinese story
+HUB_REPO = "internlm/internlm2-chat-1_8b"
+
+
+def _story_text(answer) -> str:
+    """The story from a ``chat.Story``, a string, or a chat session's assistant turns."""
+    if isinstance(answer, str):
+        return answer
+    if isinstance(getattr(answer, "text", None), str):
+        return answer.text
+    history = getattr(answer, "history", None)
+    if isinstance(history, list):
+        return "\n\n".join(m["content"] for m in history if m.get("role") == "assistant")
+    raise Missing("return the story: a chat.Story (write_story), its text, or the chat session")
+
+
+@task("L2.story", level="basic", title=f"a {STORY_MIN}-word story from the chat model",
+      hint=f"chat.write_story(session, topic, min_words={STORY_MIN}) keeps asking the model to "
+           "continue until the story is long enough")
+def _check_story(answer) -> str:
+    import re
+
+    from .chat import count_words
+
+    text = _story_text(answer)
+    zh = count_words(text, "zh") > count_words(text, "en")
+    unit, length = ("Chinese characters", count_words(text, "zh")) if zh else \
+        ("English words", count_words(text, "en"))
+    if length < STORY_MIN:
+        raise Missing(f"the story has {length} {unit}; it needs at least {STORY_MIN}")
+    sentences = [s.strip() for s in re.split(r"[.!?。！？\n]+", text) if len(s.strip()) > 3]
+    distinct = len(set(sentences)) / max(len(sentences), 1)
+    if distinct < 0.5:  # padding by repetition is not a story
+        raise Missing(f"only {distinct:.0%} of its {len(sentences)} sentences are distinct: "
+                      "the length comes from repetition")
+    return f"{length} {unit} (≥ {STORY_MIN}), {len(set(sentences))} distinct sentences"
+
+
+def _json_file(answer, key: str, name: str) -> dict:
+    from .paths import DATA_DIR
+
+    path = Path(_field(answer, key, (str, os.PathLike)))
+    if path.name != name or not path.is_file():
+        raise Missing(f"{key!r} should be the path of the downloaded {name}, got {path.name!r}")
+    if DATA_DIR / "hub_mirror" in path.resolve().parents:
+        raise Missing(f"{name} is the mirror's own copy: download it through huggingface_hub "
+                      "(hub.download(..., endpoint=mirror.endpoint))")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise Missing(f"{name} is not valid JSON ({exc}): download it again") from None
+
+
+@task("L2.download", level="basic", title="download InternLM2-chat-1.8B's config, count its layers and parameters",
+      hint=f"hub.download('{HUB_REPO}', 'config.json', endpoint=mirror.endpoint) with "
+           "mirror = hub.serve_mirror(); layers = num_hidden_layers; hub.count_parameters(config)")
+def _check_download(answer) -> str:
+    from .hub import count_parameters
+
+    config = _json_file(answer, "config", "config.json")
+    index = _json_file(answer, "index", "model.safetensors.index.json")
+    if config.get("model_type") != "internlm2" or config.get("hidden_size") != 2048:
+        raise Missing("this config.json is not InternLM2-chat-1.8B's (model_type internlm2, hidden 2048)")
+    layers, params = _field(answer, "layers", int), _field(answer, "parameters", (int, float))
+    if layers != config["num_hidden_layers"]:
+        raise Missing(f"layers={layers}, but config.json says num_hidden_layers="
+                      f"{config['num_hidden_layers']}")
+    from_config = count_parameters(config)
+    from_index = index["metadata"]["total_size"] / 2  # bf16 checkpoint: 2 bytes per parameter
+    if not (_close(params, from_config, 0.01) or _close(params, from_index, 0.01)):
+        raise Missing(f"parameters={params:,.0f}, but the config gives {from_config:,} "
+                      f"and the weight index {from_index:,.0f}")
+    return (f"both files downloaded and parsed: {layers} layers, {params / 1e9:.2f} B parameters "
+            f"(config: {from_config / 1e9:.3f} B, index: {from_index / 1e9:.3f} B)")
+
+
+def _python_actions(answer) -> list:
+    """The Python-tool actions of a Lagent ``AgentReturn``."""
+    from .agent import TOOL_NAME
+
+    actions = getattr(answer, "actions", None)
+    if actions is None:
+        raise Missing("return what agent.ask_agent(agent, question) gave back (a Lagent AgentReturn)")
+    return [a for a in actions if getattr(a, "type", None) == TOOL_NAME]
+
+
+@task("L2.agent", level="advanced", title="an agent run that uses the Python tool",
+      hint="agent.ask_agent(agent.make_agent(server), question) with a question it must compute; "
+           "a small model needs a worked ReAct example before the question (pass a message list) "
+           "and repetition_penalty=1.0 so it may copy the format")
+def _check_agent(answer) -> str:
+    from lagent.actions import FinishAction
+    from lagent.schema import ActionStatusCode
+
+    from .agent import _strip_fences  # the tool strips Markdown fences the same way
+    from .sandbox import run_python
+
+    calls = _python_actions(answer)
+    if not calls:
+        raise Missing("the agent never called the Python tool: ask something it must compute")
+    good = [a for a in calls if a.state == ActionStatusCode.SUCCESS and a.result]
+    if not good:
+        raise Missing(f"the Python tool was called {len(calls)} time(s) but never ran cleanly: "
+                      f"{calls[-1].errmsg}")
+    action = good[-1]
+    command = action.args.get("command", "") if isinstance(action.args, dict) else str(action.args)
+    recorded = action.result[0]["content"].strip()
+    rerun = run_python(_strip_fences(command), timeout=10)
+    if not rerun.ok or (rerun.output.strip() or "(no output)") != recorded:
+        raise Missing("re-running the tool's code does not give the recorded result")
+    if getattr(answer.actions[-1], "type", None) != FinishAction().name:
+        raise Missing("the agent stopped without a Final Answer: give it more turns (max_turn)")
+    return (f"the Python tool ran {len(good)} time(s); re-running {command.strip()[:40]!r} gives "
+            f"{recorded[:40]!r} again; final answer given")
+
+
+
+# ---- lesson 3: RAG ------------------------------------------------------------------------------
+
+def _contains(text: str, fact: str) -> bool:
+    return " ".join(fact.lower().split()) in " ".join(str(text).lower().split())
+
+
+@task("L3.kb", level="basic", title="a question the bare model gets wrong and RAG gets right",
+      hint="store, _ = rag.build_vectorstore(folder, persist_dir); try the eval questions "
+           "(rag.load_eval_set()) and compare chat.complete(...) with rag.make_rag_chain(chat, store)")
+def _check_rag_question(answer) -> str:
+    from . import rag
+
+    store, chat = _field(answer, "store"), _field(answer, "chat")
+    question, fact = _field(answer, "question", str), _field(answer, "fact", str).strip()
+    files = rag.indexed_files(store)
+    if not files:
+        raise Missing("the knowledge base is empty: build it over a folder first")
+    if len(fact) < 3 or _contains(question, fact):
+        raise Missing("'fact' must be the words a right answer contains, not a part of the question")
+    hits = rag.retrieve(store, question, k=4)
+    if not any(_contains(h.text, fact) for h in hits):
+        raise Missing(f"{fact!r} is not in the chunks retrieved for the question: it must come "
+                      "from the knowledge base")
+    bare = chat.complete([{"role": "user", "content": question}], temperature=0.0)
+    if _contains(bare, fact):
+        raise Missing(f"the bare model already answers it: {bare[:80]!r}")
+    llm = rag.as_chat_model(chat, temperature=0.0)
+    got = rag.make_rag_chain(llm, store, k=4).invoke(question)["answer"]
+    if not _contains(got, fact):
+        raise Missing(f"the RAG chain does not answer it either: {got[:80]!r}")
+    return (f"{len(files)} files indexed; asked again: the bare model misses {fact!r}, "
+            f"the RAG chain says it (from {hits[0].path})")
+
+
+def _default_hit_rate(k: int) -> tuple[float, set]:
+    """hit@k of the lesson's default store (default split, plain similarity) and its files."""
+    from . import rag
+    from .paths import outputs_dir
+
+    store, _ = rag.build_vectorstore(rag.DATA_DIR / "knowledge_base", outputs_dir() / "homework" /
+                                     "rag-default", progress=False)
+    return rag.evaluate_retrieval(store, rag.load_eval_set(), k=k).hit_rate, set(rag.indexed_files(store))
+
+
+@task("L3.hit3", level="advanced", title="raise hit@3 above the lesson's default",
+      hint="rebuild with another rag.SplitConfig (chunk size, overlap, header context) or retrieve "
+           "with mmr=True; compare with rag.compare_retrieval / evaluate_retrieval(store, qa, k=3)")
+def _check_hit3(answer) -> str:
+    from . import rag
+
+    store = _field(answer, "store")
+    mmr = bool(answer.get("mmr", False)) if isinstance(answer, dict) else False
+    baseline, default_files = _default_hit_rate(3)
+    missing = default_files - set(rag.indexed_files(store))
+    if missing:
+        raise Missing(f"the store leaves out {len(missing)} of the knowledge base's files (e.g. "
+                      f"{sorted(missing)[0]}): a smaller haystack is not better retrieval")
+    got = rag.evaluate_retrieval(store, rag.load_eval_set(), k=3, mmr=mmr).hit_rate
+    if got <= baseline:
+        raise Missing(f"hit@3 = {got:.3f}, not above the default's {baseline:.3f}")
+    return f"re-evaluated: hit@3 = {got:.3f} > the default's {baseline:.3f} on the full knowledge base"
+
+
+# ---- lesson 4: fine-tuning ----------------------------------------------------------------------
+
+# Questions SmolLM2-135M and InternLM2.5 answer right, with words every right answer contains.
+GENERAL_QUESTIONS = {
+    "What is the capital of France?": ("paris",),
+    "How many days are there in a week?": ("seven", "7"),
+    "What color is the sky on a clear day?": ("blue",),
+    "What do bees make?": ("honey",),
+    "What is the largest planet in our solar system?": ("jupiter",),
+}
+
+
+def identity_question() -> str:
+    """The question the identity fine-tune is judged on (English on the tiny profile)."""
+    from .env import profile
+    from .sft_data import IDENTITY_QUESTIONS
+
+    return IDENTITY_QUESTIONS["en" if profile() == "tiny" else "zh"][0]
+
+
+def _peft_model(answer):
+    """The fine-tuned PEFT model and tokenizer: train()'s result, or loaded from the adapter folder."""
+    result = answer.get("result") if isinstance(answer, dict) else answer
+    model = getattr(result, "model", None)
+    if model is not None and hasattr(model, "disable_adapter"):
+        return model, result.tokenizer
+    adapter = getattr(result, "adapter_dir", None) or _field(answer, "adapter", (str, os.PathLike))
+    adapter = Path(adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        raise Missing(f"{adapter.name!r} is not a LoRA adapter folder (no adapter_config.json)")
+    from peft import PeftModel
+
+    from .models import load_model
+
+    base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    model, tokenizer = load_model(base)
+    return PeftModel.from_pretrained(model, adapter).eval(), tokenizer
+
+
+def _trained_questions(answer) -> set[str]:
+    """The user turns of the run's training data (from the adapter's saved config), if known."""
+    from .sft_data import load_conversations
+
+    result = answer.get("result") if isinstance(answer, dict) else answer
+    adapter = getattr(result, "adapter_dir", None) or (answer.get("adapter") if isinstance(answer, dict) else None)
+    saved = Path(adapter or "") / "finetune_config.json"
+    data_path = json.loads(saved.read_text()).get("data_path") if saved.is_file() else None
+    if not data_path or not Path(data_path).is_file():
+        return set()
+    return {m["content"] for conv in load_conversations(data_path) for m in conv if m["role"] == "user"}
+
+
+def _replies(model, tokenizer, question: str) -> tuple[str, str]:
+    """(base, fine-tuned) greedy replies of a PEFT model to ``question``."""
+    from .finetune import reply
+
+    with model.disable_adapter():
+        before = reply(model, tokenizer, question, max_new_tokens=32)
+    return before, reply(model, tokenizer, question, max_new_tokens=32)
+
+
+def _learner_name(answer) -> str:
+    name = _field(answer, "name", str).strip()
+    if not name or name.lower() in ("your name", "learner", "todo"):
+        raise Missing("set 'name' to your own name")
+    return name
+
+
+@task("L4.identity", level="basic", title="the assistant knows your name",
+      hint="finetune.train(FinetuneConfig(data_path=...)) on sft_data.make_identity_dataset(MY_NAME); "
+           "return {'name', 'result' (or 'adapter'), 'before', 'after'}")
+def _check_identity(answer) -> str:
+    name = _learner_name(answer)
+    model, tokenizer = _peft_model(answer)
+    question = identity_question()
+    before, after = _replies(model, tokenizer, question)
+    if _contains(before, name):
+        raise Missing(f"the base model already says {name!r}: pick a name it cannot guess")
+    if not _contains(after, name):
+        raise Missing(f"asked {question!r}, the fine-tuned model says {after[:80]!r}: no {name!r} "
+                      "(train longer or with a higher lr)")
+    said_before, said_after = _field(answer, "before", str), _field(answer, "after", str)
+    if _contains(said_before, name) or not _contains(said_after, name):
+        raise Missing("'before' and 'after' should be the base and fine-tuned replies you printed")
+    return f"asked again {question!r}: base {before[:40]!r}… → fine-tuned {after[:60]!r}"
+
+
+@task("L4.forgetting", level="advanced", title="general answers survive the fine-tune",
+      hint="mix the base model's own answers into the data: make_identity_dataset(name, extra="
+           "finetune.base_answers(model, tokenizer, questions)), and/or fewer steps or a lower lr")
+def _check_forgetting(answer) -> str:
+    name = _learner_name(answer)
+    model, tokenizer = _peft_model(answer)
+    trained_on = _trained_questions(answer) & set(GENERAL_QUESTIONS)
+    if trained_on:
+        raise Missing(f"{sorted(trained_on)[0]!r} is in the training data: the check's questions are "
+                      "held out, mix in other general questions")
+    _, after = _replies(model, tokenizer, identity_question())
+    if not _contains(after, name):
+        raise Missing(f"the identity is gone: the model says {after[:60]!r}")
+    known, lost = 0, []
+    for question, words in GENERAL_QUESTIONS.items():
+        before, now = _replies(model, tokenizer, question)
+        if any(w in before.lower() for w in words):
+            known += 1
+            if not any(w in now.lower() for w in words):
+                lost.append(f"{question!r} → {now[:50]!r}")
+    if known < 3:
+        raise Missing(f"the base model knows only {known} of the general questions: use the course model")
+    if lost:
+        raise Missing(f"forgot {len(lost)} of {known} general answers: " + "; ".join(lost[:2]))
+    return f"identity kept ({name!r}) and all {known} general answers the base model knew"
+
+
+# ---- lesson 5: quantization and serving ---------------------------------------------------------
+
+MAX_W4A16_RATIO = 0.6  # of the bf16 weights; SmolLM2 keeps its tied embedding (21%) in bf16
+LONG_CONTEXT = 2048  # tokens
+
+
+@task("L5.w4a16", level="basic", title="W4A16: weight memory and perplexity",
+      hint="quantize.quantize_w4a16(model) then quantize.weight_bytes(model) and "
+           "quantize.perplexity(model, tokenizer, quantize.load_texts('heldout'))")
+def _check_w4a16(answer) -> str:
+    import course_utils.quantize as q
+
+    from .hub import count_parameters
+
+    model, tokenizer = _field(answer, "model"), _field(answer, "tokenizer")
+    packed = sum(isinstance(m, q.QuantLinear) for m in model.modules())
+    if not packed:
+        raise Missing("the model has no QuantLinear layers: quantize_w4a16(model) replaces its projections")
+    measured = q.weight_bytes(model)
+    reported = _field(answer, "weight_bytes", (int, float))
+    if not _close(reported, measured, 0.01):
+        raise Missing(f"weight_bytes={reported:,.0f}, but the model's weights occupy {measured:,}")
+    ratio = measured / (2 * count_parameters(model.config.to_dict()))  # vs bf16: 2 bytes/parameter
+    if ratio > MAX_W4A16_RATIO:
+        raise Missing(f"the weights are {ratio:.2f}× their bf16 size: expected ≤ {MAX_W4A16_RATIO}")
+    ppl = q.perplexity(model, tokenizer, q.load_texts("heldout"))
+    if not _close(_field(answer, "perplexity", (int, float)), ppl, 0.02):
+        raise Missing(f"perplexity={answer['perplexity']:.2f}, but re-measured on the held-out text "
+                      f"it is {ppl:.2f}")
+    return (f"{packed} packed layers; weights {measured / 2**20:.0f} MiB = {ratio:.2f}× bf16 "
+            f"(re-measured); perplexity {ppl:.2f} (re-measured)")
+
+
+@task("L5.serve", level="basic", title="serve the model and query it with the OpenAI client",
+      hint="server = serving.serve(...); serving.client(server).chat.completions.create("
+           "model=server.model, messages=[...]); return {'server': server, 'response': response}")
+def _check_serve(answer) -> str:
+    from openai.types.chat import ChatCompletion
+
+    from .serving import LOOPBACK, client
+
+    response = _field(answer, "response")
+    if not isinstance(response, ChatCompletion):
+        raise Missing("'response' should be what client.chat.completions.create(...) returned")
+    text = (response.choices[0].message.content or "").strip() if response.choices else ""
+    if not text:
+        raise Missing("the server's reply is empty")
+    server = _field(answer, "server")
+    if server.host not in LOOPBACK:
+        raise Missing(f"the server listens on {server.host}: keep it on 127.0.0.1 (or use an api_key)")
+    if response.model not in (server.model, ""):
+        raise Missing(f"the response came from model {response.model!r}, not {server.model!r}")
+    if not server.running:
+        return f"{server.backend} server answered {text[:50]!r} (already stopped, not re-queried)"
+    again = client(server).chat.completions.create(
+        model=server.model, messages=[{"role": "user", "content": "Say hello."}], max_tokens=8)
+    if not (again.choices[0].message.content or "").strip():
+        raise Missing("re-queried, the server gave an empty reply")
+    return f"{server.backend} server answered {text[:50]!r}; re-queried with the OpenAI client: it answers"
+
+
+@task("L5.kv", level="advanced", title="KV-cache quantization at a long context",
+      hint=f"cache = kvcache.make_cache('int8', model.config); model(ids, past_key_values=cache) "
+           f"with ≥ {LONG_CONTEXT} tokens; kvcache.cache_bytes(cache)")
+def _check_kv(answer) -> str:
+    from .kvcache import cache_bytes, kv_bytes
+
+    cache, model = _field(answer, "cache"), _field(answer, "model")
+    if not hasattr(cache, "layers") or not hasattr(cache, "get_seq_length"):
+        raise Missing("'cache' should be the transformers Cache the model filled")
+    tokens = int(cache.get_seq_length())
+    if tokens < LONG_CONTEXT:
+        raise Missing(f"the cache holds {tokens} tokens: run a context of at least {LONG_CONTEXT}")
+    measured = cache_bytes(cache)
+    if not _close(_field(answer, "bytes", (int, float)), measured, 0.01):
+        raise Missing(f"bytes={answer['bytes']:,.0f}, but the cache holds {measured:,}")
+    ratio = measured / kv_bytes(model.config, tokens, 16)
+    if ratio > 0.6:
+        raise Missing(f"the cache is {ratio:.2f}× a bf16 cache: it is not quantized (int8 ≈ 0.5–0.6)")
+    return f"{tokens} tokens cached in {measured / 2**20:.1f} MiB = {ratio:.2f}× bf16 (re-measured)"
+
+
+# ---- lesson 6: evaluation -----------------------------------------------------------------------
+
+def _rescored(result) -> tuple[float, dict]:
+    """Accuracy (percent) recomputed from a result's predictions file against the dataset's answers."""
+    from .eval_data import load_dataset
+
+    path = Path(getattr(result, "predictions_path", "") or "")
+    if not path.is_file():
+        raise Missing("pass evaluate()'s result: its predictions file is missing")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    data = load_dataset(result.dataset)
+    gold = {r["id"]: r[data.reader.output_column] for r in data.records}
+    if not rows or any(r["id"] not in gold for r in rows):
+        raise Missing(f"{path.name} does not hold predictions for {result.dataset}")
+    right = sum(r["prediction"] == gold[r["id"]] for r in rows)
+    return round(100 * right / len(rows), 2), {r["id"]: r["prediction"] for r in rows}
+
+
+def _accuracy_field(answer, key: str, truth: float) -> None:
+    reported = _field(answer, key, (int, float))
+    if abs(reported - truth) > 0.01:
+        raise Missing(f"{key}={reported}, but the predictions file scores {truth}")
+
+
+@task("L6.modes", level="basic", title="one slice, both modes, read the summary table",
+      hint="evaluate.evaluate(model, 'course_en', mode='ppl', test_range='[0:20]') and mode='gen'; "
+           "read both accuracies from evaluate.summary_table([ppl, gen])")
+def _check_modes(answer) -> str:
+    ppl, gen = _field(answer, "ppl"), _field(answer, "gen")
+    if (getattr(ppl, "mode", None), getattr(gen, "mode", None)) != ("ppl", "gen"):
+        raise Missing("'ppl' and 'gen' should be the results of evaluate(..., mode='ppl') and mode='gen'")
+    if ppl.dataset != gen.dataset or ppl.model != gen.model:
+        raise Missing("evaluate the same model on the same dataset in both modes")
+    ppl_acc, ppl_pred = _rescored(ppl)
+    gen_acc, gen_pred = _rescored(gen)
+    if set(ppl_pred) != set(gen_pred):
+        raise Missing("the two runs scored different questions: use the same test_range")
+    _accuracy_field(answer, "ppl_accuracy", ppl_acc)
+    _accuracy_field(answer, "gen_accuracy", gen_acc)
+    differ = sum(ppl_pred[i] != gen_pred[i] for i in ppl_pred)
+    return (f"re-scored {len(ppl_pred)} questions of {ppl.dataset}: ppl {ppl_acc}%, gen {gen_acc}%, "
+            f"the modes disagree on {differ}")
+
+
+def _numbers(text: str) -> list[float]:
+    import re
+
+    return [float(x) for x in re.findall(r"-?\d+(?:\.\d+)?", text)]
+
+
+@task("L6.compare", level="advanced", title="evaluate your fine-tuned or quantized model and explain",
+      hint="evaluate the base and the variant on the same slice and mode; the explanation (≥ 15 "
+           "words) should state the accuracy change in points and say why it happened")
+def _check_compare(answer) -> str:
+    base, variant = _field(answer, "base"), _field(answer, "variant")
+    explanation = _field(answer, "explanation", str)
+    if (base.dataset, base.mode) != (variant.dataset, variant.mode) or base.model == variant.model:
+        raise Missing("compare two different models on the same dataset and mode")
+    base_acc, base_pred = _rescored(base)
+    var_acc, var_pred = _rescored(variant)
+    if set(base_pred) != set(var_pred):
+        raise Missing("the two runs scored different questions: use the same test_range")
+    delta = round(var_acc - base_acc, 2)
+    if len(explanation.split()) < 15:
+        raise Missing("explain the difference in at least 15 words")
+    said = _numbers(explanation)
+    if not any(abs(abs(x) - abs(delta)) <= 0.51 for x in said) and \
+            not all(any(abs(x - acc) <= 0.51 for x in said) for acc in (base_acc, var_acc)):
+        raise Missing(f"the explanation should give the change ({delta:+.2f} points) or both accuracies "
+                      f"({base_acc}%, {var_acc}%)")
+    changed = sum(base_pred[i] != var_pred[i] for i in base_pred)
+    return (f"re-scored: {base.model} {base_acc}% → {variant.model} {var_acc}% ({delta:+.2f} points, "
+            f"{changed} answers changed); the explanation states it")

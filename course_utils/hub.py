@@ -1,0 +1,338 @@
+"""Model-hub downloads (Hugging Face or ModelScope, mirrors honoured) and a local hub mirror.
+
+``serve_mirror(root)`` answers the few URLs the real ``huggingface_hub`` client asks for
+(``resolve``, ``api/models/.../revision``, ``api/models/.../tree``), so the lesson and the tests
+run the genuine download code offline, and a classroom without internet can share one copy.
+Layout of ``root``: ``<org>/<name>/<files>`` for models, ``datasets/<org>/<name>/...`` for datasets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from .errors import CourseError
+
+SOURCES = ("hf", "modelscope")
+HF_MIRROR = "https://hf-mirror.com"  # the mirror the bootcamp uses in mainland China
+
+
+def hub_source(source: str | None = None) -> str:
+    """The hub to use: ``source``, else ``COURSE_HUB``, else Hugging Face."""
+    chosen = (source or os.environ.get("COURSE_HUB") or "hf").lower()
+    if chosen not in SOURCES:
+        raise CourseError(f"Hub source {chosen!r} is unknown: use 'hf' or 'modelscope' "
+                          "(argument source= or environment variable COURSE_HUB).")
+    return chosen
+
+
+def hf_endpoint(endpoint: str | None = None) -> str:
+    """The Hugging Face endpoint: the argument, else ``HF_ENDPOINT`` (read now), else the hub."""
+    return (endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+
+
+def _is_loopback(url: str) -> bool:
+    return urlparse(url).hostname in ("127.0.0.1", "localhost", "::1")
+
+
+@contextlib.contextmanager
+def _hf_online(endpoint: str):
+    """Lift ``HF_HUB_OFFLINE`` for a loopback mirror only; explain how to go online otherwise."""
+    from huggingface_hub import constants
+
+    if not constants.HF_HUB_OFFLINE:
+        yield
+        return
+    if not _is_loopback(endpoint):
+        raise CourseError(
+            f"Downloads are off (HF_HUB_OFFLINE=1; the tiny profile sets it), so {endpoint} is not "
+            "contacted. To download, start Python with HF_HUB_OFFLINE=0 (in mainland China also "
+            f"HF_ENDPOINT={HF_MIRROR}, or COURSE_HUB=modelscope), or serve a local copy with "
+            "course_utils.hub.serve_mirror(folder) and pass endpoint=mirror.endpoint.")
+    constants.HF_HUB_OFFLINE = False  # a loopback mirror is not the internet
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = True
+
+
+def _network_error(exc: Exception, where: str) -> CourseError:
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    if isinstance(exc, (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)):
+        what = str(exc).strip().splitlines()[-1]
+        return CourseError(f"{where} has no such thing ({type(exc).__name__}: {what}). Check the "
+                           "repository id, the file name and the revision.")
+    return CourseError(f"Could not download from {where} ({type(exc).__name__}: {exc}). If the hub "
+                       f"is unreachable, set HF_ENDPOINT={HF_MIRROR} or COURSE_HUB=modelscope, or "
+                       "check the repository and file names.")
+
+
+def download(repo_id: str, filename: str, *, source: str | None = None, endpoint: str | None = None,
+             revision: str | None = None, cache_dir: str | Path | None = None) -> Path:
+    """Download one file of a model repository (with a progress bar); its local path."""
+    if hub_source(source) == "modelscope":
+        return _modelscope_file(repo_id, filename, revision, cache_dir)
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    endpoint = hf_endpoint(endpoint)
+    with _hf_online(endpoint):
+        try:
+            return Path(hf_hub_download(repo_id, filename, revision=revision, endpoint=endpoint,
+                                        cache_dir=cache_dir))
+        except (HfHubHTTPError, OSError) as exc:
+            raise _network_error(exc, endpoint) from exc
+
+
+def _modelscope_file(repo_id: str, filename: str, revision: str | None, cache_dir) -> Path:
+    from modelscope.hub.file_download import model_file_download
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "false", "no", ""):
+        raise CourseError("Downloads are off (HF_HUB_OFFLINE=1; the tiny profile sets it): start "
+                          "Python with HF_HUB_OFFLINE=0 to download from ModelScope.")
+    try:
+        return Path(model_file_download(repo_id, filename, revision=revision or "master",
+                                        cache_dir=None if cache_dir is None else str(cache_dir)))
+    except Exception as exc:  # modelscope raises plain requests/HTTP errors
+        raise _network_error(exc, "ModelScope") from exc
+
+
+def snapshot(repo_id: str, dest: Path, *, source: str | None = None, endpoint: str | None = None,
+             revision: str | None = None) -> Path:
+    """Download a whole repository into ``dest`` (re-running resumes an interrupted download)."""
+    if hub_source(source) == "modelscope":
+        from modelscope import snapshot_download as ms_snapshot
+
+        try:
+            return Path(ms_snapshot(repo_id, revision=revision or "master", local_dir=str(dest)))
+        except Exception as exc:
+            raise _network_error(exc, "ModelScope") from exc
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    endpoint = hf_endpoint(endpoint)
+    with _hf_online(endpoint):
+        try:
+            return Path(snapshot_download(repo_id, revision=revision, local_dir=dest,
+                                          endpoint=endpoint))
+        except (HfHubHTTPError, OSError) as exc:
+            raise _network_error(exc, endpoint) from exc
+
+
+def download_model(spec, dest: Path, *, source: str | None = None,
+                   endpoint: str | None = None) -> Path:
+    """Snapshot a registry model into ``dest`` atomically: a partial folder is never used."""
+    from .models import COMPLETE_MARKER
+
+    source = hub_source(source)
+    repo_id = spec.modelscope_id if source == "modelscope" else spec.hf_id
+    if not repo_id:
+        raise CourseError(f"{spec.name} has no {source} id: use COURSE_HUB=hf.")
+    partial = dest.with_name(dest.name + ".partial")  # stable name, so a re-run resumes it
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    snapshot(repo_id, partial, source=source, endpoint=endpoint)
+    shutil.rmtree(partial / ".cache", ignore_errors=True)  # huggingface_hub's resume bookkeeping
+    (partial / COMPLETE_MARKER).write_text(f"downloaded {repo_id} from {source}\n")
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(partial, dest)
+    return dest
+
+
+# ---- the local mirror ----------------------------------------------------------------------------
+
+def _git_blob_sha(data: bytes) -> str:
+    # The hub's ETag for a small (non-LFS) file is its git blob id.
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def _repo_files(repo_dir: Path) -> list[Path]:
+    return sorted(p for p in repo_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def _commit_sha(repo_dir: Path) -> str:
+    """A stable fake commit id: the same files give the same id, a changed file a new one."""
+    digest = hashlib.sha1()
+    for path in _repo_files(repo_dir):
+        digest.update(path.relative_to(repo_dir).as_posix().encode() + b"\0")
+        digest.update(_git_blob_sha(path.read_bytes()).encode())
+    return digest.hexdigest()
+
+
+_API = re.compile(r"^/api/(models|datasets)/(.+?)/(revision|tree)/([^/]+)(?:/(.*))?$")
+
+
+class _MirrorHandler(BaseHTTPRequestHandler):
+    root: Path
+    requests: list
+
+    def log_message(self, fmt, *args):  # keep a record for the lesson instead of stderr noise
+        self.requests.append(f"{self.command} {unquote(urlparse(self.path).path)}")
+
+    def _repo_dir(self, kind: str, repo_id: str) -> Path | None:
+        folder = self.root / ("datasets" if kind == "datasets" else "") / repo_id
+        return folder if ".." not in repo_id and folder.is_dir() else None
+
+    def _error(self, status: int, code: str, message: str) -> None:
+        body = json.dumps({"error": message}).encode()
+        self.send_response(status)
+        self.send_header("X-Error-Code", code)  # huggingface_hub maps it to RepoNotFound etc.
+        self.send_header("X-Error-Message", message)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, payload) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_HEAD(self):
+        self.do_GET()
+
+    def do_GET(self):
+        path = unquote(urlparse(self.path).path)
+        match = _API.match(path)
+        if match:
+            return self._api(*match.groups())
+        if "/resolve/" in path:
+            repo_part, rest = path.lstrip("/").split("/resolve/", 1)
+            kind = "datasets" if repo_part.startswith("datasets/") else "models"
+            revision, _, filename = rest.partition("/")
+            return self._resolve(kind, repo_part.removeprefix("datasets/"), revision, filename)
+        self._error(404, "EntryNotFound", f"{path} is not a hub URL this mirror knows")
+
+    def _checked_repo(self, kind: str, repo_id: str, revision: str) -> Path | None:
+        repo = self._repo_dir(kind, repo_id)
+        if repo is None:
+            self._error(404, "RepoNotFound", f"Repository {repo_id} is not in this mirror")
+        elif revision not in ("main", _commit_sha(repo)):
+            self._error(404, "RevisionNotFound", f"Revision {revision} is not in this mirror")
+            return None
+        return repo
+
+    def _api(self, kind, repo_id, action, revision, subpath):
+        repo = self._checked_repo(kind, repo_id, revision)
+        if repo is None:
+            return
+        files = _repo_files(repo)
+        if action == "revision":
+            return self._json({"id": repo_id, "sha": _commit_sha(repo), "private": False,
+                               "siblings": [{"rfilename": p.relative_to(repo).as_posix()}
+                                            for p in files]})
+        self._json([{"type": "file", "path": p.relative_to(repo).as_posix(),
+                     "size": p.stat().st_size, "oid": _git_blob_sha(p.read_bytes())}
+                    for p in files if not subpath or p.relative_to(repo).as_posix().startswith(subpath)])
+
+    def _resolve(self, kind, repo_id, revision, filename):
+        repo = self._checked_repo(kind, repo_id, revision)
+        if repo is None:
+            return
+        file = repo / filename
+        if ".." in filename or not file.is_file():
+            return self._error(404, "EntryNotFound", f"{filename} is not in {repo_id}")
+        data = file.read_bytes()
+        self.send_response(200)
+        self.send_header("X-Repo-Commit", _commit_sha(repo))
+        self.send_header("ETag", f'"{_git_blob_sha(data)}"')
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Content-Type", "application/octet-stream")
+        self.end_headers()
+        if self.command == "GET":
+            self.wfile.write(data)
+
+
+@dataclass
+class Mirror:
+    """A running local hub mirror; ``endpoint`` goes into ``HF_ENDPOINT`` or ``endpoint=``."""
+
+    root: Path
+    endpoint: str
+    requests: list = field(default_factory=list)  # "GET /path" lines, in order
+    _server: ThreadingHTTPServer | None = field(default=None, repr=False)
+
+    def stop(self) -> None:
+        """Shut the mirror down."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self) -> "Mirror":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def serve_mirror(root: str | Path | None = None, *, host: str = "127.0.0.1", port: int = 0) -> Mirror:
+    """Serve ``root`` (default: the course's ``data/hub_mirror``) in the hub's URL layout."""
+    from .paths import DATA_DIR
+
+    root = Path(root or DATA_DIR / "hub_mirror").resolve()
+    if not root.is_dir():
+        raise CourseError(f"Mirror folder {root} does not exist: pass a folder laid out as "
+                          "<org>/<name>/<files>.")
+    requests: list[str] = []
+    handler = type("Handler", (_MirrorHandler,), {"root": root, "requests": requests})
+    try:
+        server = ThreadingHTTPServer((host, port), handler)
+    except OSError as exc:
+        raise CourseError(f"Cannot listen on {host}:{port} ({exc}): pass another port, or port=0 "
+                          "for any free one.") from exc
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return Mirror(root, f"http://{host}:{server.server_address[1]}", requests, server)
+
+
+def mirror_repos(root: str | Path | None = None) -> list[str]:
+    """The model repository ids a mirror folder holds (``<org>/<name>`` folders with files)."""
+    from .paths import DATA_DIR
+
+    root = Path(root or DATA_DIR / "hub_mirror")
+    return sorted({f"{org.name}/{repo.name}" for org in root.iterdir() if org.is_dir()
+                   and org.name != "datasets" for repo in org.iterdir() if repo.is_dir()})
+
+
+# ---- what the downloaded config files tell ------------------------------------------------------
+
+def count_parameters(config: dict) -> int:
+    """Parameters of a llama-style decoder (InternLM2, Llama, Qwen2) from its ``config.json``."""
+    hidden, layers = config["hidden_size"], config["num_hidden_layers"]
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads", heads)
+    head_dim = config.get("head_dim") or hidden // heads
+    vocab, inter = config["vocab_size"], config["intermediate_size"]
+    attention = hidden * (heads + 2 * kv_heads) * head_dim + heads * head_dim * hidden  # qkv + out
+    mlp = 3 * hidden * inter  # gate, up, down
+    per_layer = attention + mlp + 2 * hidden  # + two RMSNorm weights
+    embeddings = vocab * hidden * (1 if config.get("tie_word_embeddings") else 2)
+    return layers * per_layer + embeddings + hidden  # + the final norm
+
+
+def weights_summary(config_path: str | Path, index_path: str | Path) -> dict:
+    """Parameter count from the config, checked against the weight index's byte total."""
+    config = json.loads(Path(config_path).read_text())
+    index = json.loads(Path(index_path).read_text())
+    dtype = config.get("torch_dtype") or config.get("dtype") or "bfloat16"
+    bytes_per = {"float32": 4, "bfloat16": 2, "float16": 2}.get(dtype, 2)
+    params = count_parameters(config)
+    total = index["metadata"]["total_size"]
+    return {"parameters": params, "dtype": dtype, "index_total_bytes": total,
+            "index_parameters": total // bytes_per,
+            "shards": len(set(index["weight_map"].values())),
+            "tensors": len(index["weight_map"]), "weights_GiB": round(total / 2**30, 2)}

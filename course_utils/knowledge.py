@@ -1,0 +1,393 @@
+"""The knowledge-base half of RAG: load files, split them, embed them, keep them in Chroma.
+
+The store is incremental. Every chunk carries its file's content hash and the file's chunk count,
+so a rebuild adds only new or changed files, drops the chunks of deleted ones, and redoes a file
+that an interrupted build left incomplete. That state is read from the store itself (no manifest
+that could disagree with it), and each file's chunks go in with one write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import CourseError
+from .paths import REPO_ROOT
+
+DEFAULT_PATTERNS = ("**/*.md", "**/*.markdown", "**/*.txt", "**/*.pdf")
+COLLECTION = "course_kb"
+MARKDOWN_SUFFIXES = {".md", ".markdown"}
+_HEADER = re.compile(r"^(#{1,3})\s+(.+?)\s*#*\s*$")
+
+
+class SkippedFileWarning(UserWarning):
+    """A file that ``load_documents`` could not read and left out."""
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    chunk_size: int = 500  # characters; the bootcamp's default
+    chunk_overlap: int = 150  # characters shared by neighbouring chunks
+    header_context: bool = True  # prefix each chunk with "title > section" so its embedding knows where it is
+
+    def signature(self) -> str:
+        """A short string that changes whenever the chunks would change."""
+        return f"size={self.chunk_size},overlap={self.chunk_overlap},headers={self.header_context}"
+
+
+def show_path(path: str | Path) -> str:
+    """``path`` relative to the repo when it lies inside it, so messages and outputs hold no absolute paths."""
+    path = Path(path).resolve()
+    try:
+        return path.relative_to(REPO_ROOT).as_posix()
+    except ValueError:
+        return path.name if path.is_absolute() else str(path)
+
+
+def default_patterns(folder: str | Path) -> tuple[str, ...]:
+    """Glob patterns for a knowledge folder: the tiny profile reads only ``en/`` when there is one."""
+    from .env import profile
+
+    if profile() == "tiny" and (Path(folder) / "en").is_dir():
+        return tuple(f"en/{p}" for p in DEFAULT_PATTERNS)
+    return DEFAULT_PATTERNS
+
+
+# ---------------------------------------------------------------- loading
+
+def _skip(path: Path, why: str) -> None:
+    warnings.warn(f"skipped {path.name}: {why}", SkippedFileWarning, stacklevel=3)
+
+
+def _read_pdf(path: Path) -> str:
+    from pypdf import PdfReader
+
+    return "\n\n".join(page.extract_text() or "" for page in PdfReader(path).pages)
+
+
+def _read_text(path: Path, raw: bytes) -> str | None:
+    """The text of one file, or None (with a warning) when it is binary, not UTF-8 or empty."""
+    if path.suffix.lower() == ".pdf":
+        try:
+            text = _read_pdf(path)
+        except Exception as exc:  # pypdf raises many types for damaged files; one bad file must not stop the rest
+            return _skip(path, f"unreadable PDF ({type(exc).__name__}); re-export it")
+        if not text.strip():
+            return _skip(path, "the PDF has no text layer (a scan?); run OCR first")
+        return text
+    if b"\x00" in raw[:8192]:
+        return _skip(path, "binary file; only Markdown, text and PDF are indexed")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return _skip(path, "not UTF-8; convert it, e.g. iconv -f GBK -t UTF-8 in > out")
+    if not text.strip():
+        return _skip(path, "empty file")
+    return text
+
+
+def _title(text: str, path: Path) -> str:
+    for line in text.splitlines():
+        if line.startswith("# "):
+            return line[2:].strip()
+    return path.stem.replace("_", " ")
+
+
+def _files(folder: Path, patterns) -> list[Path]:
+    found = {p for pattern in patterns for p in folder.glob(pattern) if p.is_file()}
+    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def load_documents(paths, patterns=DEFAULT_PATTERNS) -> list:
+    """Markdown, text and PDF files under ``paths`` (folders, searched recursively, or files) as Documents.
+
+    Each keeps ``source`` (relative to the folder it was found in), ``title`` and a content
+    ``hash``. Binary, non-UTF-8, empty and unreadable files are skipped with a warning each.
+    """
+    from langchain_core.documents import Document
+
+    docs = []
+    for base in [paths] if isinstance(paths, (str, Path)) else paths:
+        base = Path(base)
+        if not base.exists():
+            raise CourseError(f"{show_path(base)} does not exist; point KB_DIR at a folder of .md/.txt/.pdf files.")
+        folder, files = (base, _files(base, patterns)) if base.is_dir() else (base.parent, [base])
+        for path in files:
+            try:
+                raw = path.read_bytes()
+            except OSError as exc:  # permissions, a broken link: skip this file, keep the rest
+                _skip(path, f"cannot be read ({exc.strerror})")
+                continue
+            text = _read_text(path, raw)
+            if text is not None:
+                docs.append(Document(page_content=text, metadata={
+                    "source": path.relative_to(folder).as_posix(), "title": _title(text, path),
+                    "hash": hashlib.sha256(raw).hexdigest()[:16]}))
+    return docs
+
+
+# ---------------------------------------------------------------- splitting
+
+def markdown_sections(text: str) -> list[tuple[list[str], str]]:
+    """Split Markdown at #, ## and ### headers: ``[(header path, body)]``; code fences are not headers."""
+    sections, path, body, fenced = [], [], [], False
+    for line in text.splitlines():
+        fenced ^= line.lstrip().startswith("```")
+        match = None if fenced else _HEADER.match(line)
+        if match:
+            sections.append((list(path), "\n".join(body)))
+            level = len(match.group(1))
+            path = path[: level - 1] + [""] * max(0, level - 1 - len(path)) + [match.group(2)]
+            body = []
+        else:
+            body.append(line)
+    sections.append((list(path), "\n".join(body)))
+    return [(p, b.strip()) for p, b in sections if b.strip()]
+
+
+def _section_name(header_path: list[str], title: str) -> str:
+    # The H1 is normally the page title already; the section is what lies below it.
+    parts = [h for h in header_path if h]
+    if parts and parts[0] == title:
+        parts = parts[1:]
+    return " > ".join(parts)
+
+
+def split_documents(docs, config: SplitConfig = SplitConfig()) -> list:
+    """Recursive character chunks of ``docs``; Markdown is cut at headers first so chunks keep their section."""
+    from langchain_core.documents import Document
+    from langchain_text_splitters import RecursiveCharacterTextSplitter
+
+    if config.chunk_overlap >= config.chunk_size:
+        raise CourseError(f"chunk_overlap ({config.chunk_overlap}) must be smaller than chunk_size ({config.chunk_size}).")
+    splitter = RecursiveCharacterTextSplitter(chunk_size=config.chunk_size, chunk_overlap=config.chunk_overlap)
+    chunks = []
+    for doc in docs:
+        meta, title = doc.metadata, doc.metadata.get("title", "")
+        is_md = Path(meta["source"]).suffix.lower() in MARKDOWN_SUFFIXES
+        sections = markdown_sections(doc.page_content) if is_md else [([], doc.page_content)]
+        if is_md and not config.header_context:  # headers stay inline, as a plain splitter would see them
+            sections = [(p, (f"{'#' * len(p)} {p[-1]}\n\n{b}" if p else b)) for p, b in sections]
+        pieces = [(_section_name(p, title), piece) for p, body in sections for piece in splitter.split_text(body)]
+        for i, (section, piece) in enumerate(pieces):
+            text = f"{' > '.join(filter(None, [title, section]))}\n{piece}" if config.header_context else piece
+            chunks.append(Document(page_content=text, metadata={
+                **meta, "section": section, "chunk": i, "n_chunks": len(pieces)}))
+    return chunks
+
+
+def chunk_stats(chunks):
+    """Per-file chunk counts and lengths (characters) as a table, plus an ``ALL`` row."""
+    import pandas as pd
+
+    frame = pd.DataFrame({"source": [c.metadata["source"] for c in chunks],
+                          "chars": [len(c.page_content) for c in chunks]})
+    table = frame.groupby("source").chars.agg(chunks="count", mean="mean", min="min", max="max")
+    table.loc["ALL"] = [len(frame), frame.chars.mean(), frame.chars.min(), frame.chars.max()]
+    return table.round(0).astype(int)
+
+
+def plot_chunk_lengths(chunks, *, bins: int = 30):
+    """A histogram of chunk lengths in characters."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.hist([len(c.page_content) for c in chunks], bins=bins, color="#3b82f6")
+    ax.set(xlabel="chunk length (characters)", ylabel="chunks", title=f"{len(chunks)} chunks")
+    fig.tight_layout()
+    plt.close(fig)  # shown once, as the cell's value; an open pyplot figure would be shown again at cell end
+    return fig
+
+
+# ---------------------------------------------------------------- embeddings and the store
+
+def load_embeddings(name: str | None = None, *, batch_size: int = 64, device: str | None = None):
+    """The profile's sentence-transformers model (or ``name``) as LangChain embeddings, normalised."""
+    import torch
+    from langchain_huggingface import HuggingFaceEmbeddings
+    from transformers.utils import logging as hf_logging
+
+    from .models import embedding_path
+
+    hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar for a 90 MB model is noise
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return HuggingFaceEmbeddings(model_name=str(embedding_path(name)), model_kwargs={"device": device},
+                                 encode_kwargs={"batch_size": batch_size, "normalize_embeddings": True})
+
+
+def _model_id(embeddings) -> str:
+    return Path(getattr(embeddings, "model_name", type(embeddings).__name__)).name
+
+
+def _client(persist_dir: Path):
+    import chromadb
+    from chromadb.config import Settings
+
+    # Telemetry off: the course never talks to the network.
+    return chromadb.PersistentClient(path=str(persist_dir), settings=Settings(anonymized_telemetry=False))
+
+
+def _has_collection(client, name: str) -> bool:
+    # list_collections() gave names in some Chroma versions and Collection objects in others.
+    return name in [c if isinstance(c, str) else c.name for c in client.list_collections()]
+
+
+def _open_store(persist_dir: Path, embeddings, collection: str, *, create: bool):
+    """LangChain's Chroma over a cosine collection; refuses a store built with another embedding model."""
+    from langchain_chroma import Chroma
+
+    client = _client(persist_dir)
+    if _has_collection(client, collection):
+        col = client.get_collection(collection)
+    elif create:
+        col = client.create_collection(collection, configuration={"hnsw": {"space": "cosine"}},
+                                       metadata={"embedding_model": _model_id(embeddings)})
+    else:
+        raise CourseError(f"No collection {collection!r} in {show_path(persist_dir)}; build it first with "
+                          "build_vectorstore(KB_DIR, STORE_DIR).")
+    built_with = (col.metadata or {}).get("embedding_model")
+    if built_with != _model_id(embeddings):
+        raise CourseError(f"The store in {show_path(persist_dir)} was built with {built_with}, not "
+                          f"{_model_id(embeddings)}. Use another STORE_DIR, or reset_store() and rebuild.")
+    return Chroma(client=client, collection_name=collection, embedding_function=embeddings)
+
+
+def reset_store(persist_dir: str | Path, collection: str = COLLECTION) -> None:
+    """Empty a persisted store (the next build starts from nothing).
+
+    The collection is dropped through Chroma rather than by deleting the folder: Chroma caches one
+    client per path in the process, and a folder deleted under it breaks the next build in this kernel.
+    """
+    persist_dir = Path(persist_dir)
+    if not (persist_dir / "chroma.sqlite3").is_file():
+        shutil.rmtree(persist_dir, ignore_errors=True)  # not a store (or half-created): start clean
+        return
+    client = _client(persist_dir)
+    if _has_collection(client, collection):
+        client.delete_collection(collection)
+
+
+@dataclass
+class BuildReport:
+    added: list[str] = field(default_factory=list)  # new files
+    updated: list[str] = field(default_factory=list)  # changed, or left incomplete by an interrupted build
+    removed: list[str] = field(default_factory=list)  # gone from the folder
+    unchanged: int = 0  # files already indexed
+    chunks_added: int = 0
+    chunks_removed: int = 0
+    total_chunks: int = 0
+    total_files: int = 0
+
+    def __str__(self) -> str:
+        return (f"files: {len(self.added)} added, {len(self.updated)} updated, {len(self.removed)} removed, "
+                f"{self.unchanged} unchanged | chunks: +{self.chunks_added} -{self.chunks_removed} | "
+                f"store: {self.total_chunks} chunks from {self.total_files} files")
+
+
+def indexed_files(store) -> dict[str, dict]:
+    """What the store holds per source file: ``{source: {"key", "n_chunks", "count"}}``."""
+    state: dict[str, dict] = {}
+    for meta in store.get(include=["metadatas"])["metadatas"]:
+        entry = state.setdefault(meta["source"], {"key": meta.get("key"), "n_chunks": meta.get("n_chunks"), "count": 0})
+        entry["count"] += 1
+        if entry["key"] != meta.get("key"):  # chunks of two versions of the file: treat it as incomplete
+            entry["n_chunks"] = -1
+    return state
+
+
+def _plan(docs, state: dict, config: SplitConfig, report: BuildReport) -> list:
+    """The documents that need (re)indexing; fills the report's file lists."""
+    pending = []
+    for doc in docs:
+        src = doc.metadata["source"]
+        # The key covers content and split settings: new chunk settings re-index every file.
+        doc.metadata["key"] = hashlib.sha256(f"{doc.metadata['hash']}|{config.signature()}".encode()).hexdigest()[:16]
+        have = state.get(src)
+        if have and have["key"] == doc.metadata["key"] and have["count"] == have["n_chunks"]:
+            report.unchanged += 1
+            continue
+        (report.updated if have else report.added).append(src)
+        pending.append(doc)
+    return pending
+
+
+def _delete_sources(store, state: dict, sources, report: BuildReport) -> None:
+    for src in sources:
+        store.delete(where={"source": src})
+        report.chunks_removed += state[src]["count"]
+
+
+def _file_groups(chunks, batch_size: int):
+    """Whole files' chunks, grouped until a group holds at least ``batch_size`` chunks."""
+    by_file: dict[str, list] = {}
+    for chunk in chunks:
+        by_file.setdefault(chunk.metadata["source"], []).append(chunk)
+    group: list[list] = []
+    for file_chunks in by_file.values():
+        group.append(file_chunks)
+        if sum(map(len, group)) >= batch_size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def _write_chunks(store, chunks, *, batch_size: int, progress: bool) -> None:
+    """Embed ``chunks`` in batches (a progress bar over chunks) and write each file's chunks in one upsert."""
+    from tqdm.auto import tqdm
+
+    collection = store._collection  # the raw collection takes precomputed vectors; add_texts would re-embed
+    with tqdm(total=len(chunks), desc="embedding", unit="chunk", disable=not progress or not chunks) as bar:
+        for group in _file_groups(chunks, batch_size):
+            vectors = store.embeddings.embed_documents([c.page_content for fc in group for c in fc])
+            start = 0
+            for fc in group:  # one write per file: a file is either fully in or detectably incomplete
+                collection.upsert(ids=[_chunk_id(c) for c in fc], documents=[c.page_content for c in fc],
+                                  metadatas=[c.metadata for c in fc], embeddings=vectors[start:start + len(fc)])
+                start += len(fc)
+            bar.update(start)
+
+
+def _chunk_id(chunk) -> str:
+    meta = chunk.metadata
+    return f"{meta['source']}::{meta['key']}::{meta['chunk']}"
+
+
+def build_vectorstore(source, persist_dir: str | Path, *, patterns=None, config: SplitConfig = SplitConfig(),
+                      embeddings=None, collection: str = COLLECTION, batch_size: int = 64,
+                      progress: bool = True):
+    """Index ``source`` (a folder or files) into a Chroma store on disk, incrementally: ``(store, report)``.
+
+    Re-running adds only new or changed files, removes chunks of deleted files, and completes
+    what an interrupted run left unfinished; it never duplicates chunks.
+    """
+    if patterns is None:
+        patterns = default_patterns(source) if isinstance(source, (str, Path)) else DEFAULT_PATTERNS
+    docs = load_documents(source, patterns)
+    if not docs:
+        raise CourseError(f"No readable files matching {', '.join(patterns)} in {show_path(source)}; "
+                          "check KB_DIR and the patterns.")
+    store = _open_store(Path(persist_dir), embeddings or load_embeddings(), collection, create=True)
+    state, report = indexed_files(store), BuildReport()
+    pending = _plan(docs, state, config, report)
+    report.removed = sorted(set(state) - {d.metadata["source"] for d in docs})
+    _delete_sources(store, state, report.removed + report.updated, report)
+    chunks = split_documents(pending, config)
+    _write_chunks(store, chunks, batch_size=batch_size, progress=progress)
+    report.chunks_added = len(chunks)
+    final = indexed_files(store)
+    report.total_files, report.total_chunks = len(final), sum(e["count"] for e in final.values())
+    return store, report
+
+
+def load_vectorstore(persist_dir: str | Path, *, embeddings=None, collection: str = COLLECTION):
+    """Open a store that ``build_vectorstore`` persisted (in this or another process)."""
+    persist_dir = Path(persist_dir)
+    if not (persist_dir / "chroma.sqlite3").is_file():
+        raise CourseError(f"No vector store in {show_path(persist_dir)}; build one with "
+                          "build_vectorstore(KB_DIR, STORE_DIR).")
+    return _open_store(persist_dir, embeddings or load_embeddings(), collection, create=False)

@@ -1,0 +1,178 @@
+"""KV-cache quantization: int8 / int4 keys and values per head and per token, and what the cache weighs.
+
+During generation every layer keeps the keys and values of all earlier tokens; for long contexts
+and many parallel requests this cache, not the weights, fills the GPU. LMDeploy's
+``quant_policy=8`` (int8) and ``quant_policy=4`` (int4) store it quantized asymmetrically with
+one scale and zero point per head and per token. :class:`QuantizedKVLayer` does the same in plain
+torch: it quantizes on write and hands attention the de-quantized keys and values, so the error
+shows up in perplexity and the saving in :func:`cache_bytes`.
+"""
+
+from __future__ import annotations
+
+from .errors import CourseError
+from .quantize import pack_int4, unpack_int4
+
+KINDS = ("fp32", "bf16", "int8", "int4", "quanto-int4")
+SCALE_ZERO_BYTES = 4  # one fp16 scale + one fp16 zero per (head, token)
+
+
+def quantize_per_token(x, bits: int = 8):
+    """Asymmetric ``bits``-bit quantization over the last dim of ``x`` (batch, heads, tokens, head_dim).
+
+    Returns (codes uint8, scale fp16, zero fp16); scale and zero have shape (batch, heads, tokens, 1).
+    int4 codes are packed two per byte, so they have head_dim / 2 columns.
+    """
+    import torch
+
+    if bits not in (4, 8):
+        raise CourseError(f"bits={bits}: KV-cache quantization supports 8 (quant_policy=8) or 4.")
+    top = 2**bits - 1
+    xf = x.float()
+    lo, hi = xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True)
+    scale = ((hi - lo) / top).clamp(min=1e-6).half()
+    zero = torch.round(-lo / scale.float()).clamp(0, top).half()
+    codes = torch.round(xf / scale.float() + zero.float()).clamp(0, top).to(torch.uint8)
+    if bits == 4:
+        codes = pack_int4(codes.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+    return codes, scale, zero
+
+
+def dequantize_per_token(codes, scale, zero, bits: int = 8, dtype=None):
+    """Inverse of :func:`quantize_per_token`, in ``dtype`` (default fp32)."""
+    import torch
+
+    if bits == 4:
+        d = codes.shape[-1] * 2
+        codes = unpack_int4(codes.reshape(-1, codes.shape[-1]), d).reshape(*codes.shape[:-1], d)
+    dtype = dtype or torch.float32
+    return (codes.to(dtype) - zero.to(dtype)) * scale.to(dtype)
+
+
+def _build_layer():
+    """Define the cache layer on first use, so importing this module does not import transformers."""
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    class QuantizedKVLayer(DynamicLayer):
+        """One decoder layer's cache, stored as int8/int4 codes + fp16 scale/zero per head and token."""
+
+        def __init__(self, bits: int = 8):
+            super().__init__()
+            self.bits = bits
+            self.stored: dict[str, list] = {"k": [], "v": []}  # chunks of (codes, scale, zero)
+            self.length = 0
+
+        def _read(self, which: str):
+            parts = [torch.cat(p, dim=-2) for p in zip(*self.stored[which])]  # along tokens
+            return dequantize_per_token(*parts, bits=self.bits, dtype=self.dtype)
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            self.stored["k"].append(quantize_per_token(key_states, self.bits))
+            self.stored["v"].append(quantize_per_token(value_states, self.bits))
+            self.length += key_states.shape[-2]
+            # Attention reads de-quantized K/V, including this step's own tokens.
+            return self._read("k"), self._read("v")
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+        def reset(self) -> None:
+            super().reset()
+            self.stored, self.length = {"k": [], "v": []}, 0
+
+        def tensors(self) -> list:
+            """Every tensor this layer keeps, for memory accounting."""
+            return [t for which in ("k", "v") for chunk in self.stored[which] for t in chunk]
+
+    return QuantizedKVLayer
+
+
+_LAYER = None
+
+
+def __getattr__(name):  # QuantizedKVLayer is built on first use so transformers loads lazily
+    global _LAYER
+    if name == "QuantizedKVLayer":
+        _LAYER = _LAYER or _build_layer()
+        return _LAYER
+    raise AttributeError(name)
+
+
+def make_cache(kind: str, config):
+    """An empty cache for one generation: fp32/bf16 (plain), int8/int4 (ours), quanto-int4 (transformers)."""
+    from transformers.cache_utils import Cache, DynamicCache, QuantizedCache
+
+    import course_utils.kvcache as kv
+
+    if kind in ("fp32", "bf16"):
+        return DynamicCache(config=config)
+    if kind in ("int8", "int4"):
+        return Cache(layers=[kv.QuantizedKVLayer(int(kind[3:])) for _ in range(config.num_hidden_layers)])
+    if kind == "quanto-int4":  # KIVI-style: a 128-token full-precision window, then 4-bit groups
+        return QuantizedCache(backend="quanto", config=config, nbits=4)
+    raise CourseError(f"Unknown KV cache kind {kind!r}; use one of {', '.join(KINDS)}.")
+
+
+def cache_factory(kind: str, config):
+    """A zero-argument function returning a fresh cache (what perplexity/generation_benchmark take)."""
+    make_cache(kind, config)  # fail now, not in the middle of a benchmark
+    return lambda: make_cache(kind, config)
+
+
+def _tensor_bytes(t) -> int:
+    # quanto's quantized tensors are wrapper subclasses: count the plain tensors inside them.
+    if hasattr(t, "__tensor_flatten__") and type(t).__name__ != "Tensor":
+        names, _ = t.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
+def cache_bytes(cache) -> int:
+    """Bytes the cache really holds: codes, scales, zeros, and any full-precision part."""
+    total = 0
+    for layer in cache.layers:
+        tensors = layer.tensors() if hasattr(layer, "tensors") else []
+        tensors += [getattr(layer, a, None) for a in ("keys", "values", "_quantized_keys", "_quantized_values")]
+        total += sum(_tensor_bytes(t) for t in tensors if t is not None)
+    return total
+
+
+def kv_bytes(config, tokens: int, bits: int = 16, batch: int = 1) -> int:
+    """Expected KV-cache bytes: 2 (K, V) x layers x kv_heads x tokens x (head_dim x bits/8 [+ scale, zero])."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_head_token = head_dim * bits // 8 + (SCALE_ZERO_BYTES if bits <= 8 else 0)
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * tokens * per_head_token * batch
+
+
+def fill_cache(cache, config, tokens: int, dtype=None, seed: int = 0):
+    """Write ``tokens`` tokens of random K/V into every layer (sizes, not values, are what we measure)."""
+    import torch
+
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    gen = torch.Generator().manual_seed(seed)
+    shape = (1, config.num_key_value_heads, tokens, head_dim)  # (batch, kv_heads, tokens, head_dim)
+    for i in range(config.num_hidden_layers):
+        k = torch.randn(shape, generator=gen).to(dtype or torch.float32)
+        cache.update(k, torch.randn(shape, generator=gen).to(k.dtype), i)
+    return cache
+
+
+def memory_table(config, tokens: int = 2048, kinds=KINDS):
+    """Measured (filled cache) and expected bytes per cache kind at ``tokens`` tokens, in MB."""
+    import pandas as pd
+    import torch
+
+    rows = []
+    for kind in kinds:
+        dtype = torch.float32 if kind == "fp32" else torch.bfloat16
+        measured = cache_bytes(fill_cache(make_cache(kind, config), config, tokens, dtype))
+        bits = {"fp32": 32, "bf16": 16, "int8": 8, "int4": 4}.get(kind)
+        rows.append({"cache": kind, "measured (MB)": round(measured / 1e6, 2),
+                     "formula (MB)": round(kv_bytes(config, tokens, bits) / 1e6, 2) if bits else None,
+                     "vs bf16": None, "bytes": measured})
+    df = pd.DataFrame(rows).set_index("cache")
+    df["vs bf16"] = (df["bytes"] / kv_bytes(config, tokens, 16)).round(2)
+    return df.drop(columns="bytes")

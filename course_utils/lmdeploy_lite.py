@@ -1,0 +1,270 @@
+"""LMDeploy on a CUDA GPU: W4A16 with ``lmdeploy lite auto_awq`` on local calibration text, and
+the engine settings (``quant_policy``, ``cache_max_entry_count``, ``tp``) of ``pipeline``.
+
+Every argument is built and checked by a pure function, unit-tested on any machine. The few
+functions that run LMDeploy check for a CUDA GPU first and raise :class:`CourseError` without one
+(LMDeploy has no CPU backend).
+
+Why a local calibration file: ``auto_awq --calib-dataset ptb|wikitext2|c4|pileval`` downloads
+the data set from the Hugging Face hub at run time, which fails on an offline or firewalled
+machine (a common InternStudio failure). :func:`run_auto_awq` feeds LMDeploy's own AWQ code
+blocks cut from a local text file instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import CourseError
+from .paths import DATA_DIR
+
+QUANT_POLICIES = {0: "fp16/bf16 KV cache", 8: "int8 KV cache", 4: "int4 KV cache"}
+MODEL_FORMATS = (None, "hf", "awq", "gptq")
+
+
+@dataclass
+class AwqJob:
+    model: str  # a Hugging Face folder, e.g. /share/new_models/Shanghai_AI_Laboratory/internlm2_5-1_8b-chat
+    work_dir: str  # where the 4-bit model is written (then served with model_format="awq")
+    calib_file: str = str(DATA_DIR / "ppl" / "calib.txt")  # local text: no hub download
+    calib_samples: int = 128  # at most this many blocks of calib_seqlen tokens
+    calib_seqlen: int = 2048  # tokens per block (shorter if the file is shorter)
+    w_bits: int = 4
+    w_group_size: int = 128
+    batch_size: int = 1  # calibration batch; lower it if the GPU runs out of memory
+    search_scale: bool = False  # True: search AWQ ratios (slower); False: LMDeploy's fixed smoothing
+    dtype: str = "auto"  # float16, bfloat16 or auto (from the checkpoint)
+
+
+def check_job(job: AwqJob) -> AwqJob:
+    """Validate an :class:`AwqJob` (bits, group size, calibration file) and return it."""
+    if job.w_bits != 4:
+        raise CourseError(f"w_bits={job.w_bits}: LMDeploy's AWQ path (TurboMind W4A16) takes 4.")
+    if job.w_group_size not in (32, 64, 128, 256):
+        raise CourseError(f"w_group_size={job.w_group_size}: TurboMind kernels take 32, 64, 128 or 256.")
+    if job.calib_samples < 1 or job.calib_seqlen < 16:
+        raise CourseError("calib_samples must be >= 1 and calib_seqlen >= 16 tokens.")
+    if not Path(job.calib_file).is_file():
+        raise CourseError(f"Calibration file {Path(job.calib_file).name!r} not found: pass "
+                          "calib_file= a UTF-8 text file (data/ppl/calib.txt ships with the course).")
+    if job.dtype not in ("auto", "float16", "bfloat16"):
+        raise CourseError(f"dtype={job.dtype!r}: use 'auto', 'float16' or 'bfloat16'.")
+    return job
+
+
+def auto_awq_cli(job: AwqJob) -> list[str]:
+    """The plain ``lmdeploy lite auto_awq`` command (downloads ``ptb`` from the hub: online only)."""
+    check_job(job)
+    cmd = ["lmdeploy", "lite", "auto_awq", job.model, "--work-dir", job.work_dir,
+           "--calib-dataset", "ptb", "--calib-samples", str(job.calib_samples),
+           "--calib-seqlen", str(job.calib_seqlen), "--batch-size", str(job.batch_size),
+           "--w-bits", str(job.w_bits), "--w-group-size", str(job.w_group_size), "--dtype", job.dtype]
+    return cmd + (["--search-scale"] if job.search_scale else [])
+
+
+def offline_awq_command(job: AwqJob) -> list[str]:
+    """The same job with local calibration text, as a command (this module's ``__main__``)."""
+    check_job(job)
+    cmd = [sys.executable, "-m", "course_utils.lmdeploy_lite", "auto_awq", job.model,
+           "--work-dir", job.work_dir, "--calib-file", job.calib_file,
+           "--calib-samples", str(job.calib_samples), "--calib-seqlen", str(job.calib_seqlen),
+           "--batch-size", str(job.batch_size), "--w-group-size", str(job.w_group_size),
+           "--dtype", job.dtype]
+    return cmd + (["--search-scale"] if job.search_scale else [])
+
+
+def auto_awq_kwargs(job: AwqJob) -> dict:
+    """Keyword arguments for ``lmdeploy.lite.apis.auto_awq.auto_awq``.
+
+    ``calib_dataset`` stays "ptb" only because LMDeploy asserts a known name; the loader that
+    would download it is replaced by :func:`local_calib_loader`.
+    """
+    check_job(job)
+    kwargs = asdict(job)
+    kwargs.pop("calib_file")
+    return {**kwargs, "calib_dataset": "ptb", "device": "cuda"}
+
+
+def calib_blocks(tokenizer, path: str | Path, nsamples: int = 128, seqlen: int = 2048) -> list:
+    """Cut a text file into at most ``nsamples`` blocks of ``seqlen`` tokens: [(1, seqlen) tensors].
+
+    A file shorter than one block gives a single block of all its tokens (printed as a note).
+    """
+    import torch
+
+    text = Path(path).read_text(encoding="utf-8")
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]  # (tokens,)
+    if len(ids) < 16:
+        raise CourseError(f"{Path(path).name} has only {len(ids)} tokens: calibration needs real text.")
+    if len(ids) < seqlen:
+        print(f"Calibration: {len(ids)} tokens < calib_seqlen={seqlen}, using one block of {len(ids)}.")
+        seqlen = len(ids)
+    n = min(nsamples, len(ids) // seqlen)
+    return [ids[i * seqlen:(i + 1) * seqlen].unsqueeze(0).to(torch.long) for i in range(n)]
+
+
+def local_calib_loader(path: str | Path):
+    """A drop-in for LMDeploy's ``get_calib_loaders`` that reads ``path`` instead of the hub."""
+
+    def get_calib_loaders(name, tokenizer, nsamples=128, seed=0, seqlen=2048):
+        return calib_blocks(tokenizer, path, nsamples, seqlen), None
+
+    return get_calib_loaders
+
+
+def require_lmdeploy(what: str = "LMDeploy") -> None:
+    """Raise a :class:`CourseError` unless a CUDA GPU and the ``lmdeploy`` package are present."""
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise CourseError(f"{what} needs a CUDA GPU (LMDeploy has no CPU backend) and this machine "
+                          "has none. On the CPU use course_utils.quantize (W4A16 RTN/AWQ) and "
+                          "course_utils.kvcache instead, or run this on InternStudio.")
+    if importlib.util.find_spec("lmdeploy") is None:
+        raise CourseError(f"{what} needs LMDeploy: pip install -r requirements/gpu.txt")
+
+
+def run_auto_awq(job: AwqJob) -> Path:
+    """Run LMDeploy's ``auto_awq`` on the GPU with local calibration text; returns the work dir."""
+    require_lmdeploy("lmdeploy lite auto_awq")
+    import lmdeploy.lite.apis.calibrate as calibrate
+    from lmdeploy.lite.apis.auto_awq import auto_awq
+
+    if not hasattr(calibrate, "get_calib_loaders"):
+        raise CourseError("This LMDeploy version loads calibration data differently: use the plain "
+                          "command from auto_awq_cli(job) with network access, or lmdeploy==0.18.0.")
+    original = calibrate.get_calib_loaders
+    calibrate.get_calib_loaders = local_calib_loader(job.calib_file)
+    try:
+        auto_awq(job.model, **{k: v for k, v in auto_awq_kwargs(job).items() if k != "model"})
+    finally:
+        calibrate.get_calib_loaders = original
+    return Path(job.work_dir)
+
+
+def engine_config(*, quant_policy: int = 0, cache_max_entry_count: float = 0.8,
+                  model_format: str | None = None, tp: int = 1, session_len: int | None = None,
+                  max_batch_size: int | None = None) -> dict:
+    """Checked keyword arguments for ``lmdeploy.TurbomindEngineConfig`` (None values left out)."""
+    if quant_policy not in QUANT_POLICIES:
+        raise CourseError(f"quant_policy={quant_policy}: use 0 (off), 8 (int8 KV) or 4 (int4 KV).")
+    if not 0 < cache_max_entry_count <= 1:
+        raise CourseError("cache_max_entry_count is the share of the GPU memory left after the "
+                          f"weights that the KV cache takes: use (0, 1], not {cache_max_entry_count}.")
+    if model_format not in MODEL_FORMATS:
+        raise CourseError(f"model_format={model_format!r}: use None, 'hf', 'awq' or 'gptq'.")
+    if tp < 1 or tp & (tp - 1):
+        raise CourseError(f"tp={tp}: tensor parallelism takes a power of two GPUs (1, 2, 4, 8).")
+    cfg = dict(quant_policy=quant_policy, cache_max_entry_count=cache_max_entry_count,
+               model_format=model_format, tp=tp, session_len=session_len, max_batch_size=max_batch_size)
+    return {k: v for k, v in cfg.items() if v is not None}
+
+
+def make_pipeline(model: str, **engine):
+    """An LMDeploy ``pipeline`` (TurboMind) for ``model`` with :func:`engine_config` settings."""
+    cfg = engine_config(**engine)
+    require_lmdeploy("lmdeploy.pipeline")
+    from lmdeploy import TurbomindEngineConfig, pipeline
+
+    return pipeline(model, backend_config=TurbomindEngineConfig(**cfg))
+
+
+def gpu_memory_used_mib() -> int:
+    """GPU memory in use on device 0 as ``nvidia-smi`` reports it (LMDeploy allocates outside torch)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, check=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise CourseError("nvidia-smi is not available: GPU memory can only be read on a CUDA machine.") from exc
+    return int(out.split()[0])
+
+
+def pipeline_benchmark(pipe, prompts: list[str], *, max_new_tokens: int = 256) -> dict:
+    """Run ``prompts`` as one batch through an LMDeploy pipeline: tokens/s and GPU memory in use."""
+    import time
+
+    from lmdeploy import GenerationConfig
+
+    start = time.perf_counter()
+    responses = pipe(prompts, gen_config=GenerationConfig(max_new_tokens=max_new_tokens, top_k=1))
+    seconds = time.perf_counter() - start
+    tokens = sum(r.generate_token_len for r in responses)
+    return {"tokens": tokens, "seconds": seconds, "tokens/s": tokens / seconds,
+            "GPU memory (MiB)": gpu_memory_used_mib(), "first reply": responses[0].text}
+
+
+def gpu_variants_table(model: str, awq_dir: str | None, prompts: list[str], *,
+                       cache_max_entry_count: float = 0.4, max_new_tokens: int = 256):
+    """The bootcamp's table on a GPU: fp16, W4A16, KV int8 and both, each in a fresh pipeline."""
+    import gc
+
+    import pandas as pd
+
+    variants = [("fp16", model, None, 0), ("KV int8", model, None, 8)]
+    if awq_dir:
+        variants += [("W4A16", awq_dir, "awq", 0), ("W4A16 + KV int8", awq_dir, "awq", 8)]
+    rows = []
+    for name, path, fmt, policy in variants:
+        pipe = make_pipeline(path, model_format=fmt, quant_policy=policy,
+                             cache_max_entry_count=cache_max_entry_count)
+        rows.append({"variant": name, **pipeline_benchmark(pipe, prompts, max_new_tokens=max_new_tokens)})
+        if hasattr(pipe, "close"):  # free the engine's GPU memory before the next variant
+            pipe.close()
+        del pipe
+        gc.collect()
+    return pd.DataFrame(rows).set_index("variant")
+
+
+def kv_cache_plan(shape, gpu_gb: float, *, weight_precision: str = "fp16",
+                  cache_max_entry_count: float = 0.8, quant_policy: int = 0,
+                  runtime_gb: float = 1.0) -> dict:
+    """What ``cache_max_entry_count`` means on a GPU of ``gpu_gb`` GiB: KV budget and tokens it holds.
+
+    LMDeploy (>= 0.2.1) gives the KV cache ``cache_max_entry_count`` x the memory still free after
+    the weights (and runtime buffers, ``runtime_gb``) are loaded. ``shape`` is a
+    :class:`course_utils.memory.ModelShape`.
+    """
+    from .memory import GIB, kv_bytes_per_token, weight_memory
+
+    engine_config(quant_policy=quant_policy, cache_max_entry_count=cache_max_entry_count)
+    weights = weight_memory(shape, weight_precision) / GIB
+    free = gpu_gb - weights - runtime_gb
+    if free <= 0:
+        raise CourseError(f"{shape.name} in {weight_precision} ({weights:.1f} GiB) does not fit in "
+                          f"{gpu_gb} GiB: use W4A16 (model_format='awq') or a bigger GPU slice.")
+    kv_precision = {0: "fp16", 8: "int8", 4: "int4"}[quant_policy]
+    kv_gb = free * cache_max_entry_count
+    tokens = int(kv_gb * GIB / kv_bytes_per_token(shape, kv_precision))
+    return {"model": shape.name, "weights": weight_precision, "quant_policy": quant_policy,
+            "cache_max_entry_count": cache_max_entry_count, "weights (GiB)": round(weights, 2),
+            "KV cache (GiB)": round(kv_gb, 2), "KV tokens": tokens,
+            "total (GiB)": round(weights + runtime_gb + kv_gb, 2)}
+
+
+def _main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m course_utils.lmdeploy_lite",
+                                     description="LMDeploy auto_awq with local calibration text.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    awq = sub.add_parser("auto_awq")
+    awq.add_argument("model")
+    awq.add_argument("--work-dir", required=True)
+    for name, default in (("calib-file", AwqJob.calib_file), ("dtype", "auto")):
+        awq.add_argument(f"--{name}", default=default)
+    for name, default in (("calib-samples", 128), ("calib-seqlen", 2048), ("batch-size", 1),
+                          ("w-group-size", 128)):
+        awq.add_argument(f"--{name}", type=int, default=default)
+    awq.add_argument("--search-scale", action="store_true")
+    args = vars(parser.parse_args(argv))
+    args.pop("command")
+    print(run_auto_awq(AwqJob(**{k.replace("-", "_"): v for k, v in args.items()})))
+
+
+if __name__ == "__main__":
+    _main()

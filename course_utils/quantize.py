@@ -1,0 +1,521 @@
+"""W4A16 weight quantization (RTN and AWQ) written to be read, and the measurements that judge it.
+
+W4A16 = 4-bit integer weights, 16-bit activations: each linear layer keeps its weight as
+4-bit codes packed two per byte plus one fp16 scale and zero point per group of ``group_size``
+input channels, and de-quantizes on the fly in ``forward``. This is what LMDeploy's
+``lite auto_awq`` produces (asymmetric, group 128); LMDeploy's TurboMind then runs fused CUDA
+kernels on it. On a CPU we have no fused kernel, so the memory saving is real but the speed-up
+is not: see lesson 5.
+
+Group size: SmolLM2's hidden size 576 is not a multiple of 128 (576 = 4 x 128 + 64). We keep
+LMDeploy's default of 128 and let the last group of such rows be ragged (64 channels); every
+function here takes any ``group_size`` and handles a short last group.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+from .errors import CourseError
+from .paths import DATA_DIR
+
+GROUP_SIZE = 128  # LMDeploy's default; a ragged last group covers 576 = 4 x 128 + 64
+BITS = 4
+MAX_CODE = 2**BITS - 1  # codes 0..15
+# Projections inside the decoder blocks: llama-style (SmolLM2) and InternLM2 names.
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                "wqkv", "wo", "w1", "w2", "w3")
+
+
+# --------------------------------------------------------------------------------------------
+# Group-wise quantization and packing: plain tensor functions
+# --------------------------------------------------------------------------------------------
+
+def n_groups(in_features: int, group_size: int) -> int:
+    """Groups per output row; the last one is shorter when ``group_size`` does not divide the row."""
+    if group_size < 2 or group_size % 2:
+        raise CourseError(f"group_size={group_size}: use an even number >= 2 (LMDeploy uses 128).")
+    return math.ceil(in_features / group_size)
+
+
+def _per_column(stat, in_features: int, group_size: int):
+    """Expand a per-group statistic (out, groups) to one value per column (out, in)."""
+    return stat.repeat_interleave(group_size, dim=1)[:, :in_features]
+
+
+def quantize_groups(weight, group_size: int = GROUP_SIZE):
+    """Asymmetric 4-bit RTN per group: returns (codes uint8 (out, in), scales fp16, zeros fp16).
+
+    Each group of ``group_size`` input channels of one output row maps its [min, max] range onto
+    the codes 0..15: ``w ~ (code - zero) * scale``. The scale is rounded to fp16 first, so the
+    codes match exactly what is stored.
+    """
+    import torch
+
+    w = weight.detach().float()
+    out_f, in_f = w.shape
+    g = n_groups(in_f, group_size)
+    pad = g * group_size - in_f
+    # Pad a ragged last group with copies of its own last column: min and max stay the same.
+    padded = torch.cat([w, w[:, -1:].expand(-1, pad)], 1) if pad else w
+    groups = padded.view(out_f, g, group_size)  # (out, groups, group_size)
+    wmin = groups.amin(-1).clamp(max=0)  # keep 0 representable, as AWQ/LMDeploy do
+    wmax = groups.amax(-1).clamp(min=0)
+    scales = ((wmax - wmin) / MAX_CODE).clamp(min=1e-6).half()
+    zeros = torch.round(-wmin / scales.float()).clamp(0, MAX_CODE).half()
+    s, z = _per_column(scales.float(), in_f, group_size), _per_column(zeros.float(), in_f, group_size)
+    codes = torch.round(w / s + z).clamp(0, MAX_CODE).to(torch.uint8)
+    return codes, scales, zeros
+
+
+def dequantize_groups(codes, scales, zeros, group_size: int = GROUP_SIZE, dtype=None, out=None):
+    """Weights back from codes: ``(code - zero) * scale`` per group, in ``dtype`` (default fp32).
+
+    ``out`` (rows, in) lets a caller reuse one buffer instead of allocating a new weight per call.
+    """
+    import torch
+
+    w = out.copy_(codes) if out is not None else codes.to(dtype or torch.float32)
+    dtype = w.dtype
+    rows, in_f = codes.shape
+    full = in_f // group_size * group_size
+    g_full = full // group_size
+    body = w[:, :full].view(rows, g_full, group_size)  # (rows, groups, group_size), a view into w
+    body.sub_(zeros[:, :g_full, None].to(dtype)).mul_(scales[:, :g_full, None].to(dtype))
+    if full < in_f:  # the ragged last group
+        w[:, full:].sub_(zeros[:, -1:].to(dtype)).mul_(scales[:, -1:].to(dtype))
+    return w
+
+
+def pack_int4(codes):
+    """Two 4-bit codes per byte: (out, in) -> (out, ceil(in / 2)) uint8.
+
+    Byte ``j`` of a row holds column ``j`` in its low nibble and column ``j + half`` in its high
+    nibble (half = ceil(in / 2)). Unpacking then writes two contiguous half-rows, which a CPU
+    vectorizes; interleaving neighbouring columns would force a strided, much slower write.
+    """
+    import torch
+
+    if codes.dtype != torch.uint8 or int(codes.max()) > MAX_CODE:
+        raise CourseError("pack_int4 expects uint8 codes in 0..15 (from quantize_groups).")
+    if codes.shape[1] % 2:
+        codes = torch.cat([codes, codes.new_zeros(codes.shape[0], 1)], 1)
+    half = codes.shape[1] // 2
+    return codes[:, :half] | (codes[:, half:] << 4)
+
+
+def unpack_int4(packed, in_features: int, out=None):
+    """Inverse of :func:`pack_int4`: (out, ceil(in / 2)) uint8 -> (out, in) codes (``out`` reused)."""
+    import torch
+
+    rows, half = packed.shape
+    out = torch.empty(rows, 2 * half, dtype=torch.uint8, device=packed.device) if out is None else out
+    torch.bitwise_and(packed, 0x0F, out=out[:, :half])  # low nibbles: first half of the row
+    torch.bitwise_right_shift(packed, 4, out=out[:, half:])  # high nibbles: second half
+    return out[:, :in_features]
+
+
+ROW_CHUNK = 4096  # output rows de-quantized at a time: bounds the scratch buffer (lm_head has 49152)
+_SCRATCH: dict = {}  # (rows, in, dtype, device) -> (codes, weight) buffers shared by all layers
+
+
+def _scratch(rows: int, in_features: int, dtype, device):
+    """Reused buffers for one layer's de-quantized weight.
+
+    Without them every layer would allocate and free a weight-sized tensor on every call; one
+    buffer per shape keeps memory flat (a real W4A16 kernel never materializes the weight at all).
+    Not thread-safe: one model forward at a time per process, which is how ``generate`` runs.
+    """
+    import torch
+
+    key = (rows, in_features, dtype, device)
+    if key not in _SCRATCH:
+        _SCRATCH[key] = (torch.empty(rows, in_features + in_features % 2, dtype=torch.uint8, device=device),
+                         torch.empty(rows, in_features, dtype=dtype, device=device))
+    return _SCRATCH[key]
+
+
+# --------------------------------------------------------------------------------------------
+# Layers that hold packed weights
+# --------------------------------------------------------------------------------------------
+
+def _build_layers():
+    """Define the torch modules on first use, so ``import course_utils.quantize`` stays fast."""
+    import torch
+    from torch import nn
+
+    class QuantLinear(nn.Module):
+        """A W4A16 linear layer: packed 4-bit codes + fp16 scales/zeros, de-quantized per call.
+
+        ``input_scale`` (optional, fp16, one per input channel) is AWQ's ``1/s``: the weight was
+        quantized as ``W * s``, so the input is multiplied by ``1/s`` to keep ``x @ W.T`` unchanged.
+        Real AWQ folds it into the previous RMSNorm or linear; we keep it here so it is visible.
+        """
+
+        def __init__(self, in_features, out_features, group_size, qweight, scales, zeros,
+                     input_scale=None, bias=None):
+            super().__init__()
+            self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+            self.register_buffer("qweight", qweight)  # (out, ceil(in/2)) uint8
+            self.register_buffer("scales", scales)  # (out, groups) fp16
+            self.register_buffer("zeros", zeros)  # (out, groups) fp16, integer-valued
+            self.register_buffer("input_scale", input_scale)  # (in,) fp16 or None
+            self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+
+        @classmethod
+        def from_weight(cls, weight, group_size=GROUP_SIZE, scale=None, bias=None):
+            """Quantize a float weight (out, in); ``scale`` (in,) is AWQ's per-channel ``s``."""
+            w = weight.detach().float()
+            if scale is not None:
+                w = w * scale.float()
+            codes, scales, zeros = quantize_groups(w, group_size)
+            inv = (1.0 / scale.float()).half() if scale is not None else None
+            return cls(w.shape[1], w.shape[0], group_size, pack_int4(codes), scales, zeros, inv, bias)
+
+        def dequantized_weight(self, dtype=torch.float32):
+            """The effective float weight (out, in), ``1/s`` folded back in (for checks, not forward)."""
+            w = dequantize_groups(unpack_int4(self.qweight, self.in_features), self.scales,
+                                  self.zeros, self.group_size, dtype)
+            return w * self.input_scale.to(dtype) if self.input_scale is not None else w
+
+        def forward(self, x):
+            x2 = x.reshape(-1, self.in_features)  # (tokens, in)
+            if self.input_scale is not None:
+                x2 = x2 * self.input_scale.to(x.dtype)
+            y = x2.new_empty(x2.shape[0], self.out_features)  # (tokens, out)
+            for start in range(0, self.out_features, ROW_CHUNK):
+                rows = slice(start, min(start + ROW_CHUNK, self.out_features))
+                n = rows.stop - rows.start
+                codes_buf, w_buf = _scratch(n, self.in_features, x.dtype, x.device)
+                codes = unpack_int4(self.qweight[rows], self.in_features, codes_buf)
+                w = dequantize_groups(codes, self.scales[rows], self.zeros[rows], self.group_size, out=w_buf)
+                torch.mm(x2, w.t(), out=y[:, rows])
+            if self.bias is not None:
+                y += self.bias.to(y.dtype)
+            return y.view(*x.shape[:-1], self.out_features)
+
+        def extra_repr(self):
+            return f"in={self.in_features}, out={self.out_features}, w4 group={self.group_size}"
+
+    class QuantEmbedding(nn.Module):
+        """A token embedding that reads rows from a (tied) ``QuantLinear``'s packed buffers."""
+
+        def __init__(self, head, dtype):
+            super().__init__()
+            self.head = [head]  # a list, so the shared buffers are not registered (or counted) twice
+            self.dtype = dtype  # the activation dtype the rest of the model runs in
+
+        def forward(self, input_ids):
+            h, ids = self.head[0], input_ids.reshape(-1)
+            # Only the looked-up rows are unpacked: (tokens, in/2) uint8 -> (tokens, in)
+            w = dequantize_groups(unpack_int4(h.qweight[ids], h.in_features), h.scales[ids],
+                                  h.zeros[ids], h.group_size, self.dtype)
+            if h.input_scale is not None:
+                w = w * h.input_scale.to(self.dtype)
+            return w.view(*input_ids.shape, h.in_features)
+
+    return QuantLinear, QuantEmbedding
+
+
+_LAYERS: tuple | None = None
+
+
+def __getattr__(name):  # QuantLinear / QuantEmbedding are built on first use so torch loads lazily
+    global _LAYERS
+    if name in ("QuantLinear", "QuantEmbedding"):
+        if _LAYERS is None:
+            _LAYERS = _build_layers()
+        return _LAYERS[0] if name == "QuantLinear" else _LAYERS[1]
+    raise AttributeError(name)
+
+
+# --------------------------------------------------------------------------------------------
+# AWQ: activation-aware per-channel scales
+# --------------------------------------------------------------------------------------------
+
+def load_texts(name: str = "heldout") -> list[str]:
+    """Paragraphs of ``data/ppl/<name>.txt`` (held-out text for perplexity, ``calib`` for AWQ)."""
+    path = Path(name) if Path(name).suffix else DATA_DIR / "ppl" / f"{name}.txt"
+    if not path.is_file():
+        raise CourseError(f"Text file {path.name} not found in data/ppl/: use 'heldout' or 'calib', "
+                          "or pass the path of a UTF-8 .txt file with paragraphs separated by blank lines.")
+    return [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+
+
+def target_linears(model, include_lm_head: bool = False) -> dict:
+    """The linear layers W4A16 replaces: every projection in the decoder blocks (+ lm_head)."""
+    from torch import nn
+
+    found = {n: m for n, m in model.named_modules()
+             if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in LINEAR_NAMES}
+    if include_lm_head:  # "lm_head" in llama, "output" in InternLM2
+        head = model.get_output_embeddings()
+        found[next(n for n, m in model.named_modules() if m is head)] = head
+    if not found:
+        raise CourseError("No q/k/v/o/gate/up/down projections found: quantize_w4a16 supports "
+                          "llama-style models (SmolLM2, InternLM2.5 via LMDeploy on a GPU).")
+    return found
+
+
+def collect_inputs(model, tokenizer, texts: list[str], layers: dict, *, max_tokens: int = 512,
+                   seq_len: int = 256) -> dict:
+    """Run the calibration texts once and keep each layer's inputs: {name: (tokens, in_features)}.
+
+    At most ``max_tokens`` rows per layer are kept (evenly spaced), which bounds memory and the
+    cost of the AWQ search.
+    """
+    import torch
+
+    if not texts:
+        raise CourseError("AWQ needs calibration text: pass calib_texts=load_texts('calib').")
+    seen: dict[str, list] = {n: [] for n in layers}
+    hooks = [m.register_forward_pre_hook(lambda _m, args, n=n: seen[n].append(args[0].detach()
+                                         .reshape(-1, args[0].shape[-1]).float()))
+             for n, m in layers.items()]
+    try:
+        with torch.no_grad():
+            for text in texts:
+                ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=seq_len).input_ids
+                model(ids.to(model.device), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for n, chunks in seen.items():
+        x = torch.cat(chunks)
+        keep = torch.linspace(0, len(x) - 1, min(max_tokens, len(x))).long()
+        out[n] = x[keep]
+    return out
+
+
+def layer_output_mse(weight, x, scale=None, group_size: int = GROUP_SIZE) -> float:
+    """Mean squared error of ``x @ W.T`` after quantizing ``W * scale`` (scale None = plain RTN)."""
+    w = weight.detach().float()
+    ws = w * scale if scale is not None else w
+    codes, scales, zeros = quantize_groups(ws, group_size)
+    wq = dequantize_groups(codes, scales, zeros, group_size)
+    if scale is not None:
+        wq = wq * (1.0 / scale).half().float()  # exactly the fp16 1/s that QuantLinear stores
+    return float((x @ (w - wq).T).pow(2).mean())
+
+
+def awq_search_scale(weight, x, group_size: int = GROUP_SIZE, n_grid: int = 20):
+    """AWQ's grid search: ``s = mean|x| ** alpha`` per input channel, alpha in [0, 1).
+
+    Returns (best scale or None, best alpha, best loss, RTN loss). alpha = 0 gives s = 1, which
+    is exactly RTN, so AWQ's calibration loss is never worse than RTN's.
+    """
+    act = x.abs().mean(0).clamp(min=1e-5)  # (in,) how strongly each input channel fires
+    rtn = layer_output_mse(weight, x, None, group_size)
+    best = (None, 0.0, rtn)
+    for i in range(1, n_grid):
+        alpha = i / n_grid
+        s = act.pow(alpha)
+        s = s / (s.max() * s.min()).sqrt()  # centre the scales around 1, as AWQ does
+        s = s.half().float()  # the 1/s we store is fp16; search with what will be stored
+        loss = layer_output_mse(weight, x, s, group_size)
+        if loss < best[2]:
+            best = (s, alpha, loss)
+    return (*best, rtn)
+
+
+# --------------------------------------------------------------------------------------------
+# Whole model
+# --------------------------------------------------------------------------------------------
+
+def _set_module(model, name: str, module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _cast_rest(model, dtype) -> None:
+    """Cast the float parameters that stay unquantized (embeddings, norms); packed buffers keep theirs."""
+    import course_utils.quantize as q
+
+    for module in model.modules():
+        if isinstance(module, (q.QuantLinear, q.QuantEmbedding)):
+            continue
+        for p in module.parameters(recurse=False):
+            p.data = p.data.to(dtype)
+    model.config.dtype = dtype
+
+
+def quantize_w4a16(model, method: str = "rtn", group_size: int = GROUP_SIZE, calib_texts=None, *,
+                   tokenizer=None, quantize_lm_head: bool = False, dtype="bfloat16",
+                   n_grid: int = 20, max_calib_tokens: int = 512, progress: bool = True):
+    """Replace the model's projections by packed 4-bit :class:`QuantLinear` layers, in place.
+
+    ``method`` "rtn" rounds each group to nearest; "awq" first searches per-channel scales on
+    ``calib_texts`` (needs ``tokenizer``). The unquantized rest (embeddings, norms) is cast to
+    ``dtype`` (the "A16"). ``quantize_lm_head`` also packs the tied embedding / lm_head matrix,
+    which LMDeploy leaves in fp16. Returns the model; ``model.w4a16_report`` holds per-layer
+    calibration losses (AWQ) for inspection.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    import course_utils.quantize as q
+
+    if method not in ("rtn", "awq"):
+        raise CourseError(f"method={method!r}: use 'rtn' (round to nearest) or 'awq'.")
+    if any(isinstance(m, q.QuantLinear) for m in model.modules()):
+        raise CourseError("This model is already quantized: quantize a fresh copy (copy.deepcopy).")
+    if method == "awq" and (tokenizer is None or not calib_texts):
+        raise CourseError("method='awq' needs calib_texts and tokenizer=, e.g. "
+                          "calib_texts=load_texts('calib'), tokenizer=tokenizer.")
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    layers = target_linears(model, quantize_lm_head)
+    inputs = collect_inputs(model, tokenizer, calib_texts, layers,
+                            max_tokens=max_calib_tokens) if method == "awq" else {}
+    report = []
+    for name, lin in tqdm(layers.items(), desc=f"W4A16 {method}", disable=not progress):
+        scale = None
+        if method == "awq":
+            scale, alpha, loss, rtn = awq_search_scale(lin.weight, inputs.pop(name), group_size, n_grid)
+            report.append({"layer": name, "alpha": alpha, "mse_rtn": rtn, "mse_awq": loss})
+        bias = lin.bias.to(dtype) if lin.bias is not None else None
+        _set_module(model, name, q.QuantLinear.from_weight(lin.weight, group_size, scale, bias))
+    if quantize_lm_head and model.config.tie_word_embeddings:
+        model.set_input_embeddings(q.QuantEmbedding(model.get_output_embeddings(), dtype))
+    _cast_rest(model, dtype)
+    model.w4a16_report = report
+    return model
+
+
+def weight_bytes(model) -> int:
+    """Bytes the weights really occupy: every parameter and buffer once (tied ones count once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.data_ptr(), t.numel())
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+# --------------------------------------------------------------------------------------------
+# Quality and speed
+# --------------------------------------------------------------------------------------------
+
+def perplexity(model, tokenizer, texts: list[str], *, window: int = 256, cache_factory=None) -> float:
+    """Perplexity on ``texts`` joined, in non-overlapping windows of ``window`` tokens.
+
+    ``cache_factory`` (e.g. from :mod:`course_utils.kvcache`) returns a fresh cache per window;
+    a cache that quantizes on write makes attention read quantized K/V, so its cost shows here.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    ids = tokenizer("\n\n".join(texts), return_tensors="pt").input_ids[0]
+    if len(ids) < 2:
+        raise CourseError("perplexity needs at least two tokens of text.")
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(ids) - 1, window):
+            chunk = ids[start:start + window].unsqueeze(0).to(model.device)
+            if chunk.shape[1] < 2:
+                break
+            kwargs = {"past_key_values": cache_factory(), "use_cache": True} if cache_factory else {}
+            logits = model(chunk, **kwargs).logits[0, :-1].float()
+            nll += float(F.cross_entropy(logits, chunk[0, 1:], reduction="sum"))
+            count += chunk.shape[1] - 1
+    return math.exp(nll / count)
+
+
+def generation_benchmark(model, tokenizer, prompt: str = "Write a short story about a lighthouse.",
+                         *, max_new_tokens: int = 32, cache_factory=None) -> dict:
+    """Greedy-decode exactly ``max_new_tokens`` after a short warm-up: tokens/s and the text."""
+    import torch
+
+    messages = [{"role": "user", "content": prompt}]
+    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                        return_dict=True).to(model.device)
+    gen = dict(do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    with torch.no_grad():
+        model.generate(**enc, max_new_tokens=2, **gen)  # warm-up: first-call allocations
+        kwargs = {"past_key_values": cache_factory()} if cache_factory else {}
+        start = time.perf_counter()
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                             **gen, **kwargs)
+        seconds = time.perf_counter() - start
+    new = out[0, enc["input_ids"].shape[1]:]
+    return {"new_tokens": len(new), "seconds": seconds, "tokens_per_s": len(new) / seconds,
+            "text": tokenizer.decode(new, skip_special_tokens=True)}
+
+
+def benchmark_concurrency(client, model: str, prompts: list[str], *, concurrency: int = 8,
+                          max_tokens: int = 32) -> dict:
+    """Send ``prompts`` to an OpenAI-compatible server, ``concurrency`` at a time: latency, throughput."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(prompt: str):
+        start = time.perf_counter()
+        reply = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
+            temperature=0)
+        return time.perf_counter() - start, reply.usage.completion_tokens if reply.usage else 0
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        results = list(pool.map(one, prompts))
+    wall = time.perf_counter() - start
+    latencies = sorted(r[0] for r in results)
+    tokens = sum(r[1] for r in results)
+    return {"requests": len(prompts), "concurrency": concurrency, "wall_s": wall,
+            "latency_mean_s": sum(latencies) / len(latencies),
+            "latency_p50_s": latencies[len(latencies) // 2], "latency_max_s": latencies[-1],
+            "completion_tokens": tokens, "throughput_tok_s": tokens / wall,
+            "requests_per_s": len(prompts) / wall}
+
+
+def measure_variant(name: str, model, tokenizer, texts: list[str], *, kv: str = "bf16",
+                    context: int = 2048, new_tokens: int = 32, ppl: float | None = None) -> dict:
+    """One row of the lesson's table: weight bytes, KV bytes at ``context`` tokens, perplexity, tokens/s.
+
+    ``kv`` is the cache kind of :mod:`course_utils.kvcache` ("fp32", "bf16", "int8", "int4"); the
+    KV bytes are measured on a cache filled with ``context`` tokens, not taken from a formula.
+    ``ppl``: a perplexity already measured on ``texts`` (skips recomputing it).
+    """
+    from .kvcache import cache_bytes, cache_factory, fill_cache, make_cache
+
+    quantized_kv = kv not in ("fp32", "bf16")
+    factory = cache_factory(kv, model.config) if quantized_kv else None
+    filled = fill_cache(make_cache(kv, model.config), model.config, context, model.dtype)
+    speed = generation_benchmark(model, tokenizer, max_new_tokens=new_tokens, cache_factory=factory)
+    return {"variant": name, "weight_bytes": weight_bytes(model), "kv_bytes_2k": cache_bytes(filled),
+            "perplexity": ppl if ppl is not None else perplexity(model, tokenizer, texts, cache_factory=factory),
+            "tokens/s": round(speed["tokens_per_s"], 1)}
+
+
+# --------------------------------------------------------------------------------------------
+# The lesson's table and chart
+# --------------------------------------------------------------------------------------------
+
+def tradeoff_table(rows: list[dict], baseline: str = "bf16"):
+    """A DataFrame of the variants with memory ratios against ``baseline`` (rounded for display)."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows).set_index("variant")
+    df["weights (MB)"] = (df["weight_bytes"] / 1e6).round(1)
+    df["KV @2k (MB)"] = (df["kv_bytes_2k"] / 1e6).round(1)
+    df["weights vs " + baseline] = (df["weight_bytes"] / df.loc[baseline, "weight_bytes"]).round(2)
+    df["KV vs " + baseline] = (df["kv_bytes_2k"] / df.loc[baseline, "kv_bytes_2k"]).round(2)
+    df["perplexity"] = df["perplexity"].round(2)
+    return df[["weights (MB)", "KV @2k (MB)", "weights vs " + baseline, "KV vs " + baseline,
+               "perplexity", "tokens/s"]]
+
+
+def plot_tradeoffs(table):
+    """Four bar charts side by side: weights, KV cache at 2k tokens, perplexity, tokens/s."""
+    import matplotlib.pyplot as plt
+
+    cols = ["weights (MB)", "KV @2k (MB)", "perplexity", "tokens/s"]
+    fig, axes = plt.subplots(1, len(cols), figsize=(13, 3.2))
+    for ax, col in zip(axes, cols):
+        ax.bar(table.index, table[col], color=plt.cm.tab10.colors[:len(table)])
+        ax.set_title(col)
+        ax.tick_params(axis="x", rotation=45, labelsize=8)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,342 @@
+"""Retrieval-augmented generation over a knowledge base: retrieve, answer with sources, evaluate.
+
+Loading, splitting, embedding and the incremental Chroma store live in ``course_utils.knowledge``
+and are re-exported here, so a notebook needs only ``from course_utils import rag``. The LLM is any
+``course_utils.chat`` protocol object (a local ``ChatSession``, an endpoint, ...) wrapped as a
+LangChain chat model.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from operator import itemgetter
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import CourseError
+from .knowledge import (  # noqa: F401  (re-exported: the lesson's API is course_utils.rag)
+    COLLECTION, DEFAULT_PATTERNS, BuildReport, SkippedFileWarning, SplitConfig, build_vectorstore,
+    chunk_stats, default_patterns, indexed_files, load_documents, load_embeddings, load_vectorstore,
+    markdown_sections, plot_chunk_lengths, reset_store, show_path, split_documents)
+from .paths import DATA_DIR
+
+# One user message, no system message: it works the same through ChatSession.ask, .complete and an
+# endpoint. The question comes before and after the context because SmolLM2-135M loses it otherwise
+# (measured on the eval questions; see docs/benchmarks.md).
+RAG_TEMPLATE = ("Question: {question}\n\nHere is some information that helps:\n{context}\n\n"
+                "Answer only from this information; if it does not contain the answer, say \"I don't know.\"\n"
+                "Question: {question}")
+
+
+# ---------------------------------------------------------------- retrieval
+
+@dataclass(frozen=True)
+class Hit:
+    path: str  # the file, relative to the knowledge folder
+    section: str  # the Markdown section path ("" when none)
+    score: float  # cosine similarity to the question, 1 = identical direction
+    text: str  # the chunk as embedded (with its "title > section" line when header context is on)
+
+    def source(self) -> dict:
+        """The ``{"path", "section", "score"}`` record a chain returns."""
+        return {"path": self.path, "section": self.section, "score": round(self.score, 3)}
+
+
+def _hit(doc, distance: float) -> Hit:
+    meta = doc.metadata
+    return Hit(meta["source"], meta.get("section", ""), 1.0 - distance, doc.page_content)
+
+
+def retrieve(store, question: str, *, k: int = 4, mmr: bool = False, fetch_k: int = 20,
+             lambda_mult: float = 0.5, vector: list[float] | None = None) -> list[Hit]:
+    """The ``k`` chunks closest to ``question`` (MMR: relevant and mutually different), best first."""
+    if k < 1:
+        raise CourseError(f"k={k}: retrieve at least one chunk.")
+    vector = vector if vector is not None else store.embeddings.embed_query(question)
+    scored = store.similarity_search_by_vector_with_relevance_scores(vector, k=max(k, fetch_k) if mmr else k)
+    if not mmr:
+        return [_hit(doc, dist) for doc, dist in scored]
+    distance = {doc.id: dist for doc, dist in scored}
+    picked = store.max_marginal_relevance_search_by_vector(vector, k=k, fetch_k=max(k, fetch_k),
+                                                           lambda_mult=lambda_mult)
+    return [_hit(doc, distance.get(doc.id, 1.0)) for doc in picked]
+
+
+def format_context(hits: list[Hit]) -> str:
+    """The retrieved chunks, best first, as the prompt's context (paths left out: small models copy them)."""
+    return "\n\n".join(h.text for h in hits)
+
+
+def rag_messages(hits: list[Hit], question: str) -> list[dict]:
+    """The message list the model gets for one question (see ``RAG_TEMPLATE``)."""
+    return [{"role": "user", "content": RAG_TEMPLATE.format(context=format_context(hits), question=question)}]
+
+
+def sources_markdown(hits: list[Hit], max_sources: int = 3) -> str:
+    """A Markdown list of the distinct (file, section) pairs behind an answer, best first."""
+    seen, lines = set(), []
+    for h in hits:
+        if (h.path, h.section) not in seen and len(lines) < max_sources:
+            seen.add((h.path, h.section))
+            where = f" — {h.section}" if h.section else ""
+            lines.append(f"{len(lines) + 1}. `{h.path}`{where} (score {h.score:.2f})")
+    return "**Sources**\n\n" + "\n".join(lines)
+
+
+# ---------------------------------------------------------------- the LLM and the chain
+
+_ROLES = {"human": "user", "ai": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
+
+
+@functools.cache
+def _chat_model_class():
+    """Defined on first use so importing course_utils.rag does not import LangChain."""
+    from langchain_core.language_models import BaseChatModel
+    from langchain_core.messages import AIMessage
+    from langchain_core.outputs import ChatGeneration, ChatResult
+
+    class SessionChatModel(BaseChatModel):
+        """A LangChain chat model that answers through ``session.complete(messages)``."""
+
+        session: Any
+        gen: dict = {}
+
+        @property
+        def _llm_type(self) -> str:
+            return "course-utils-chat-session"
+
+        def _generate(self, messages, stop=None, run_manager=None, **kwargs) -> ChatResult:
+            turns = [{"role": _ROLES.get(m.type, "user"), "content": m.content} for m in messages]
+            reply = self.session.complete(turns, **{**self.gen, **kwargs})
+            return ChatResult(generations=[ChatGeneration(message=AIMessage(content=reply))])
+
+    return SessionChatModel
+
+
+def as_chat_model(session, **gen):
+    """Any chat-protocol object (``complete(messages)``) as a LangChain chat model; LangChain models pass through."""
+    from langchain_core.language_models import BaseChatModel
+
+    if isinstance(session, BaseChatModel):
+        return session
+    if not callable(getattr(session, "complete", None)):
+        raise CourseError(f"{type(session).__name__} has no complete(messages): pass a ChatSession "
+                          "(ChatSession.load() or ChatSession.remote(url)) or a LangChain chat model.")
+    return _chat_model_class()(session=session, gen=gen)
+
+
+def _question(value) -> dict:
+    if isinstance(value, str):
+        value = {"question": value}
+    if not isinstance(value, dict) or not str(value.get("question", "")).strip():
+        raise CourseError("The RAG chain takes a question string or {'question': ...}.")
+    return value
+
+
+def make_rag_chain(llm, store, *, k: int = 4, mmr: bool = False, fetch_k: int = 20, lambda_mult: float = 0.5):
+    """An LCEL chain: question -> retrieve -> prompt -> LLM -> ``{"question", "answer", "sources"}``.
+
+    ``sources`` holds ``{"path", "section", "score"}`` per retrieved chunk, best first.
+    """
+    from langchain_core.output_parsers import StrOutputParser
+    from langchain_core.prompts import ChatPromptTemplate
+    from langchain_core.runnables import RunnableLambda, RunnablePassthrough
+
+    search = RunnableLambda(lambda q: retrieve(store, q, k=k, mmr=mmr, fetch_k=fetch_k, lambda_mult=lambda_mult))
+    prompt = ChatPromptTemplate.from_messages([("human", RAG_TEMPLATE)])
+    answer = prompt | as_chat_model(llm) | StrOutputParser()
+    return (RunnableLambda(_question)
+            | RunnablePassthrough.assign(hits=itemgetter("question") | search)
+            | RunnablePassthrough.assign(context=lambda x: format_context(x["hits"]))
+            | RunnablePassthrough.assign(answer=answer)
+            | RunnableLambda(lambda x: {"question": x["question"], "answer": x["answer"].strip(),
+                                        "sources": [h.source() for h in x["hits"]]}))
+
+
+# ---------------------------------------------------------------- a chat session over the knowledge base
+
+class RagSession:
+    """The chat protocol over a knowledge base: every reply is answered from retrieved chunks and ends
+    with a Markdown list of its sources, so ``ChatWidget(RagSession(chat, store))`` just works.
+
+    Each question is retrieved and answered on its own (the knowledge base, not the conversation, is the
+    context); ``history`` keeps the conversation for display.
+    """
+
+    def __init__(self, chat, store, *, k: int = 4, mmr: bool = False, max_sources: int = 3):
+        self.chat, self.store, self.k, self.mmr, self.max_sources = chat, store, k, mmr, max_sources
+        self.history: list[dict] = []
+        self.last_hits: list[Hit] = []
+
+    @property
+    def generation(self):
+        """The wrapped session's generation settings (the widget's sliders change them)."""
+        return getattr(self.chat, "generation", None)
+
+    @generation.setter
+    def generation(self, value) -> None:
+        self.chat.generation = value
+
+    def _retrieve(self, question: str) -> list[Hit]:
+        self.last_hits = retrieve(self.store, question, k=self.k, mmr=self.mmr)
+        return self.last_hits
+
+    def ask(self, text: str, stream: bool = False) -> str | Iterator[str]:
+        """Answer ``text`` from the knowledge base; with ``stream=True`` an iterator of text chunks."""
+        if not isinstance(text, str) or not text.strip():
+            raise CourseError("ask() needs a non-empty question string.")
+        chunks = self._stream(text)
+        return chunks if stream else "".join(chunks).strip()
+
+    def _stream(self, text: str) -> Iterator[str]:
+        hits, parts = self._retrieve(text), []
+        try:
+            self.chat.reset()  # the wrapped session only ever holds the current RAG prompt
+            for piece in self.chat.ask(rag_messages(hits, text)[0]["content"], stream=True):
+                parts.append(piece)
+                yield piece
+            parts.append("\n\n" + sources_markdown(hits, self.max_sources))  # also after stop()
+            yield parts[-1]
+        finally:
+            self.history += [{"role": "user", "content": text},
+                             {"role": "assistant", "content": "".join(parts).strip()}]
+
+    def complete(self, messages: list[dict], **gen) -> str:
+        """A stateless answer (with sources) to the last user message in ``messages``."""
+        question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), None)
+        if not question:
+            raise CourseError("complete() needs at least one user message.")
+        hits = self._retrieve(question)
+        answer = self.chat.complete(rag_messages(hits, question), **gen)
+        return f"{answer.strip()}\n\n{sources_markdown(hits, self.max_sources)}"
+
+    def stop(self) -> None:
+        """End a running answer early; the partial answer and its sources are kept."""
+        self.chat.stop()
+
+    def reset(self) -> None:
+        """Forget the conversation."""
+        self.history.clear()
+        self.chat.reset()
+
+
+# ---------------------------------------------------------------- evaluation
+
+def load_eval_set(path: str | Path | None = None, languages=None) -> list[dict]:
+    """Questions with the file that answers each (``{"id", "question", "source"}``) from JSONL files.
+
+    Default: ``data/rag_eval/questions_<lang>.jsonl`` for English in the tiny profile, English and
+    Chinese on InternStudio.
+    """
+    from .env import profile
+
+    if path is None:
+        languages = languages or (["en"] if profile() == "tiny" else ["en", "zh"])
+        paths = [DATA_DIR / "rag_eval" / f"questions_{lang}.jsonl" for lang in languages]
+    else:
+        paths = [Path(path)]
+    items = []
+    for p in paths:
+        for n, line in enumerate(Path(p).read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                item = json.loads(line)
+                if not {"question", "source"} <= set(item):
+                    raise CourseError(f"{show_path(p)} line {n}: each line needs \"question\" and \"source\".")
+                items.append(item)
+    return items
+
+
+@dataclass
+class RetrievalReport:
+    k: int
+    table: Any  # pandas DataFrame: one row per question (rank 0 = not in the top k)
+
+    @property
+    def hit_rate(self) -> float:
+        """hit@k: the share of questions whose source file is among the top k chunks."""
+        return float((self.table["rank"] > 0).mean())
+
+    @property
+    def mrr(self) -> float:
+        """Mean reciprocal rank of the first chunk from the right file (0 when missed)."""
+        return float(self.table["rank"].map(lambda r: 1 / r if r else 0.0).mean())
+
+    def hit_at(self, n: int) -> float:
+        """hit@n for any n <= k."""
+        return float(self.table["rank"].between(1, n).mean())
+
+    def misses(self):
+        """The rows of the questions whose file was not retrieved."""
+        return self.table[self.table["rank"] == 0]
+
+    def __str__(self) -> str:
+        return f"hit@{self.k} = {self.hit_rate:.3f}, MRR = {self.mrr:.3f} over {len(self.table)} questions"
+
+
+def evaluate_retrieval(store, qa, k: int = 4, *, mmr: bool = False, fetch_k: int = 20,
+                       vectors: list | None = None) -> RetrievalReport:
+    """hit@k and MRR of ``store`` on ``qa`` (dicts with "question" and the expected "source" file)."""
+    import pandas as pd
+
+    rows = []
+    for i, item in enumerate(qa):
+        hits = retrieve(store, item["question"], k=k, mmr=mmr, fetch_k=fetch_k,
+                        vector=vectors[i] if vectors is not None else None)
+        paths = [h.path for h in hits]
+        rank = paths.index(item["source"]) + 1 if item["source"] in paths else 0
+        rows.append({"id": item.get("id", str(i)), "question": item["question"], "expected": item["source"],
+                     "rank": rank, "top": paths[0] if paths else "", "top score": round(hits[0].score, 2)})
+    return RetrievalReport(k, pd.DataFrame(rows))
+
+
+def compare_retrieval(store, qa, settings: list[dict]):
+    """hit@k and MRR for each retrieval setting (``{"k": 4, "mmr": True}``...) on one store, as a table."""
+    import pandas as pd
+
+    vectors = [store.embeddings.embed_query(item["question"]) for item in qa]  # once for all settings
+    rows = []
+    for s in settings:
+        report = evaluate_retrieval(store, qa, vectors=vectors, **s)
+        rows.append({**s, "hit@k": round(report.hit_rate, 3), "MRR": round(report.mrr, 3)})
+    return pd.DataFrame(rows)
+
+
+def explain_miss(store, item: dict, k: int = 4):
+    """Why a question missed: the chunks retrieved instead, and the best chunk of the expected file."""
+    import pandas as pd
+
+    vector = store.embeddings.embed_query(item["question"])
+    rows = [{"rank": i, "path": h.path, "section": h.section, "score": round(h.score, 3)}
+            for i, h in enumerate(retrieve(store, item["question"], k=k, vector=vector), 1)]
+    best = store.similarity_search_by_vector_with_relevance_scores(vector, k=1, filter={"source": item["source"]})
+    for doc, dist in best:
+        hit = _hit(doc, dist)
+        rows.append({"rank": "expected", "path": hit.path, "section": hit.section, "score": round(hit.score, 3)})
+    return pd.DataFrame(rows).set_index("rank")
+
+
+# ---------------------------------------------------------------- RAG versus the bare model
+
+def _cell(text: str) -> str:
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """A Markdown table (full cell text, unlike a DataFrame's truncated HTML)."""
+    headers = list(rows[0])
+    lines = ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
+    lines += ["| " + " | ".join(_cell(r[h]) for h in headers) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def compare_with_bare(chat, chain, questions: list[str]) -> list[dict]:
+    """The bare model's answer and the RAG chain's answer (with its top source) for each question."""
+    rows = []
+    for q in questions:
+        bare = chat.complete([{"role": "user", "content": q}])
+        result = chain.invoke(q)
+        top = result["sources"][0]["path"] if result["sources"] else ""
+        rows.append({"question": q, "bare model": bare, "RAG": result["answer"], "top source": f"`{top}`"})
+    return rows

@@ -1,0 +1,310 @@
+"""An OpenAI-compatible model server: LMDeploy ``api_server`` on CUDA, ``transformers serve`` on the CPU.
+
+``serve()`` starts the server as a child process, waits until it answers, keeps its log, and
+stops it cleanly: on ``stop()``, at the end of a ``with`` block, at interpreter exit, and (on
+Linux) when the process that started it dies, e.g. a restarted notebook kernel.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import CourseError
+
+BACKENDS = ("auto", "lmdeploy", "transformers")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+_RUNNING: dict[int, "Server"] = {}  # port -> server this process started
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now (for tests and a second server)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether ``host:port`` can not be bound (someone else is listening there)."""
+    with socket.socket() as sock:
+        # As servers do: connections of a stopped server lingering in TIME_WAIT don't count.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def lmdeploy_command(model_path: str | Path, *, model_name: str, host: str = "127.0.0.1",
+                     port: int = 23333, api_key: str | None = None, tp: int = 1,
+                     quant_policy: int = 0, cache_max_entry_count: float = 0.8,
+                     model_format: str | None = None, extra_args=()) -> list[str]:
+    """The ``lmdeploy serve api_server`` command line for these settings."""
+    if quant_policy not in (0, 4, 8):
+        raise CourseError(f"quant_policy={quant_policy}: LMDeploy takes 0 (off), 4 or 8 (KV-cache bits).")
+    if not 0 < cache_max_entry_count <= 1:
+        raise CourseError("cache_max_entry_count is the share of free GPU memory for the KV cache: "
+                          f"use a number in (0, 1], not {cache_max_entry_count}.")
+    if model_format not in (None, "hf", "awq", "gptq"):
+        raise CourseError(f"model_format={model_format!r}: use None, 'hf', 'awq' or 'gptq'.")
+    cmd = ["lmdeploy", "serve", "api_server", str(model_path),
+           "--server-name", host, "--server-port", str(port), "--model-name", model_name,
+           "--backend", "turbomind", "--tp", str(tp), "--quant-policy", str(quant_policy),
+           "--cache-max-entry-count", str(cache_max_entry_count)]
+    if model_format:
+        cmd += ["--model-format", model_format]
+    if api_key:
+        cmd += ["--api-keys", api_key]
+    return cmd + [str(a) for a in extra_args]
+
+
+def transformers_command(model_name: str, *, host: str = "127.0.0.1", port: int = 23333,
+                         device: str = "cpu", quantization: str | None = None,
+                         extra_args=()) -> list[str]:
+    """The ``transformers serve`` command line; ``model_name`` is a folder relative to its cwd."""
+    exe = Path(sys.executable).with_name("transformers")  # the CLI of this venv's transformers
+    cmd = [str(exe) if exe.exists() else "transformers", "serve", model_name, "--host", host,
+           "--port", str(port), "--device", device, "--log-level", "info"]
+    if quantization:
+        cmd += ["--quantization", quantization]
+    return cmd + [str(a) for a in extra_args]
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _has_lmdeploy() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("lmdeploy") is not None
+
+
+def choose_backend(backend: str = "auto") -> str:
+    """``lmdeploy`` when asked or on CUDA with LMDeploy installed, else ``transformers``."""
+    if backend not in BACKENDS:
+        raise CourseError(f"backend={backend!r}: use one of {', '.join(BACKENDS)}.")
+    if backend == "auto":
+        return "lmdeploy" if _has_cuda() and _has_lmdeploy() else "transformers"
+    if backend == "lmdeploy" and not _has_cuda():
+        raise CourseError("LMDeploy needs a CUDA GPU and this machine has none. Use "
+                          "backend='transformers' (or 'auto'), or the tiny profile.")
+    if backend == "lmdeploy" and not _has_lmdeploy():
+        raise CourseError("LMDeploy is not installed: pip install -r requirements/gpu.txt "
+                          "(on a CUDA machine), or use backend='transformers'.")
+    return backend
+
+
+@dataclass
+class Server:
+    """A running server: where it listens, the model name clients send, its log and process."""
+
+    backend: str
+    model: str  # the name to put in requests' "model" field
+    host: str
+    port: int
+    log_path: Path
+    api_key: str | None = None
+    process: subprocess.Popen | None = field(default=None, repr=False)
+    started_s: float = 0.0  # seconds from launch until the server answered
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI ``base_url`` (``.../v1``)."""
+        return f"{self.url}/v1"
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last ``lines`` lines of the server log."""
+        if not self.log_path.is_file():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, timeout: float = 5) -> None:
+        """Stop the server (SIGTERM to its process group, SIGKILL if it lingers)."""
+        _RUNNING.pop(self.port, None)
+        if not self.running:
+            return
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.process.wait(wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _die_with_parent() -> None:
+    """In the child: get killed when the parent dies (a killed kernel leaves no orphan server)."""
+    try:
+        import ctypes
+
+        # SIGKILL, not SIGTERM: uvicorn would wait for a running generation to finish first.
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except OSError:  # not Linux: atexit still stops it on a clean exit
+        pass
+
+
+def _check_port(host: str, port: int) -> None:
+    if port in _RUNNING and _RUNNING[port].running:
+        raise CourseError(f"Port {port} is taken by a server this kernel started "
+                          f"({_RUNNING[port].model}): call .stop() on it or serving.stop_all(), "
+                          "or pass port=serving.free_port().")
+    if port_in_use(port, host):
+        raise CourseError(f"Port {port} on {host} is already in use (another server, or one left "
+                          "over from an earlier run). Stop it (e.g. `lsof -i :PORT`, then kill the "
+                          "process), or pass another port, e.g. port=serving.free_port().")
+
+
+def _check_exposure(backend: str, host: str, api_key: str | None) -> None:
+    if backend == "transformers" and api_key:
+        raise CourseError("transformers serve cannot check API keys: keep host='127.0.0.1' without "
+                          "api_key, or use backend='lmdeploy' on a GPU machine.")
+    if host not in LOOPBACK and not api_key:
+        raise CourseError(f"host={host!r} exposes the model to everyone who can reach this machine: "
+                          "pass api_key=... too (LMDeploy checks it), or keep host='127.0.0.1'.")
+
+
+def _run_dir(name: str, port: int) -> Path:
+    from .paths import outputs_dir
+
+    folder = outputs_dir() / "serving" / f"{name}-{port}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _link_model(run_dir: Path, name: str, folder: Path) -> None:
+    # transformers serve names the model by the path it was given; a link in its cwd makes that
+    # path the short registry name, which is what clients then send as "model".
+    link = run_dir / name
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(folder.resolve(), target_is_directory=True)
+
+
+def _launch(cmd: list[str], cwd: Path, log_path: Path, env: dict) -> subprocess.Popen:
+    log = open(log_path, "w", encoding="utf-8")
+    try:
+        return subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                preexec_fn=_die_with_parent)
+    except FileNotFoundError as exc:
+        raise CourseError(f"{cmd[0]} was not found: install the course requirements "
+                          "(make setup, or pip install -r requirements/gpu.txt for LMDeploy).") from exc
+    finally:
+        log.close()  # the child holds its own copy of the file descriptor
+
+
+def _health_ok(server: Server) -> bool:
+    path = "/health" if server.backend == "transformers" else "/v1/models"
+    request = urllib.request.Request(server.url + path)
+    if server.api_key:
+        request.add_header("Authorization", f"Bearer {server.api_key}")
+    try:
+        with urllib.request.urlopen(request, timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
+def wait_until_ready(server: Server, timeout: float) -> float:
+    """Poll the server until it answers; seconds it took. Raises with the log if it dies or hangs."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout:
+        if not server.running:
+            raise CourseError(f"The {server.backend} server exited during start-up. Last log lines "
+                              f"({server.log_path.name}):\n{server.log_tail()}")
+        if _health_ok(server):
+            return time.perf_counter() - start
+        time.sleep(0.5)
+    server.stop()
+    raise CourseError(f"The {server.backend} server did not answer within {timeout:.0f} s; it was "
+                      f"stopped. Pass a longer timeout=, or read {server.log_path}:\n{server.log_tail()}")
+
+
+def serve(model=None, *, backend: str = "auto", port: int = 23333, host: str = "127.0.0.1",
+          api_key: str | None = None, tp: int = 1, quant_policy: int = 0,
+          cache_max_entry_count: float = 0.8, model_format: str | None = None,
+          quantization: str | None = None, extra_args=(), timeout: float | None = None) -> Server:
+    """Start an OpenAI-compatible server for ``model`` (registry name, folder, or the profile's).
+
+    Returns a running ``Server`` (also a context manager). ``tp``, ``quant_policy``,
+    ``cache_max_entry_count`` and ``model_format`` are LMDeploy's; ``quantization``
+    ("bnb-4bit"/"bnb-8bit") is transformers serve's.
+    """
+    from .models import REGISTRY, default_name, resolve
+
+    backend = choose_backend(backend)
+    _check_exposure(backend, host, api_key)
+    _check_port(host, port)
+    name = str(model or default_name("chat"))
+    folder = resolve(name)
+    served_name = name if name in REGISTRY else Path(name).name
+    run_dir = _run_dir(served_name, port)
+    if backend == "lmdeploy":
+        cmd = lmdeploy_command(folder, model_name=served_name, host=host, port=port,
+                               api_key=api_key, tp=tp, quant_policy=quant_policy,
+                               cache_max_entry_count=cache_max_entry_count,
+                               model_format=model_format, extra_args=extra_args)
+    else:
+        _link_model(run_dir, served_name, folder)
+        _ensure_hub_cache()
+        cmd = transformers_command(served_name, host=host, port=port,
+                                   device="cuda" if _has_cuda() else "cpu",
+                                   quantization=quantization, extra_args=extra_args)
+    server = Server(backend, served_name, host, port, run_dir / "server.log", api_key)
+    server.process = _launch(cmd, run_dir, server.log_path, dict(os.environ))
+    _RUNNING[port] = server
+    server.started_s = wait_until_ready(server, timeout or (600 if backend == "lmdeploy" else 180))
+    return server
+
+
+def _ensure_hub_cache() -> None:
+    # transformers serve's /v1/models scans the hub cache and answers 500 if the folder is missing.
+    from huggingface_hub import constants
+
+    Path(constants.HF_HUB_CACHE).mkdir(parents=True, exist_ok=True)
+
+
+def stop_all() -> None:
+    """Stop every server this process started."""
+    for server in list(_RUNNING.values()):
+        server.stop()
+
+
+atexit.register(stop_all)
+
+
+def client(server: Server, **kwargs):
+    """An ``openai.OpenAI`` client for ``server`` (the same code works against any backend)."""
+    import openai
+
+    return openai.OpenAI(base_url=server.base_url, api_key=server.api_key or "EMPTY", **kwargs)

@@ -1,0 +1,46 @@
+"""Reference solutions for homework/01_internlm_stack.ipynb.
+
+Each ``# %% task:<id>`` section replaces the notebook cell tagged ``task:<id>`` (tests/test_homework.py).
+"""
+
+# %% task:L1.env
+from course_utils.env import detect, profile
+from course_utils.models import default_name
+
+
+def environment_report() -> dict:
+    """Facts about this kernel: python, torch, cuda, gpu, profile, chat_model."""
+    facts = detect()
+    return {"python": facts.python, "torch": facts.torch, "cuda": facts.cuda, "gpu": facts.gpu_name,
+            "profile": profile(), "chat_model": default_name("chat")}
+
+
+report = homework.attempt(environment_report)
+
+# %% task:L1.memory
+from course_utils.memory import GPU_BUDGETS_GB, INTERNLM2_5, total_memory_gb
+
+
+def answer_memory_questions(questions) -> list[tuple[float, bool]]:
+    """For each (model, precision, gpu, context, batch): (total GiB, fits on the slice?)."""
+    answers = []
+    for model, precision, gpu, context, batch in questions:
+        total = total_memory_gb(INTERNLM2_5[model], precision, context=context, batch=batch)
+        answers.append((round(total, 2), total <= GPU_BUDGETS_GB[gpu]))
+    return answers
+
+
+memory_answers = homework.attempt(answer_memory_questions, homework.MEMORY_QUESTIONS)
+
+# %% task:L1.max_context
+from course_utils.memory import GIB, kv_bytes_per_token, weight_memory
+
+
+def longest_context() -> int:
+    """The most tokens InternLM2.5-7B (int4 weights, fp16 KV, batch 1) can hold in 8 GB."""
+    shape = INTERNLM2_5["InternLM2.5-7B"]
+    free = (8 - 1) * GIB - weight_memory(shape, "int4")  # bytes left for the KV cache
+    return int(free // kv_bytes_per_token(shape, "fp16"))
+
+
+max_context = homework.attempt(longest_context)

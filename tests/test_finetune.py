@@ -1,0 +1,391 @@
+"""Lesson 4: identity dataset, validation, template masking, packing, XTuner export, LoRA/QLoRA
+training, resume and merge. One LoRA run is shared by the model tests (module-scoped fixture)."""
+
+import ast
+import json
+import sys
+import types
+from unittest import mock
+
+import pytest
+
+from course_utils.errors import CourseError
+from course_utils.finetune import (FinetuneConfig, TrainResult, estimate_qlora_memory,
+                                   export_xtuner_config, merge_adapter, train)
+from course_utils.sft_data import (IDENTITY_QUESTIONS, IGNORE_INDEX, INTERNLM2_CHAT_TEMPLATE,
+                                   build_examples, collate, identity_reply, load_conversations,
+                                   make_identity_dataset, pack_examples, show_labels,
+                                   tokenize_conversation)
+
+TARGET = identity_reply("Alex", "SmolLM2-135M")
+CHAT = [{"role": "user", "content": "Who are you?"},
+        {"role": "assistant", "content": "I am Puyu."},
+        {"role": "user", "content": "And what can you do?"},
+        {"role": "assistant", "content": "I answer questions about the bootcamp."}]
+
+
+# ---- dataset builders and validators -------------------------------------------------------------
+
+def test_identity_dataset_both_formats_agree(tmp_path):
+    paths = make_identity_dataset("Alex", repeats=3, out_dir=tmp_path)
+    conv = load_conversations(paths["conversation"])
+    msgs = load_conversations(paths["messages"])
+    assert conv == msgs
+    assert len(conv) == 3 + len(IDENTITY_QUESTIONS["en"]) - 1  # main question x3 + paraphrases
+    assert {c[-1]["content"] for c in conv} == {TARGET}
+    assert {c[0]["content"] for c in conv} == set(IDENTITY_QUESTIONS["en"])
+    raw = json.loads(paths["conversation"].read_text())
+    assert raw[0] == {"conversation": [{"input": "Please introduce yourself.", "output": TARGET}]}
+
+
+def test_identity_dataset_chinese_and_extra(tmp_path):
+    extra = [{"input": "What is 2+2?", "output": "4"}]
+    paths = make_identity_dataset("小明", base="InternLM2.5-1.8B", language="zh", repeats=2,
+                                  out_dir=tmp_path, extra=extra)
+    conv = load_conversations(paths["messages"])
+    assert conv[0][1]["content"] == "我是小明的小助手，内在是上海AI实验室书生·浦语的InternLM2.5-1.8B大模型哦"
+    assert conv[-1] == [{"role": "user", "content": "What is 2+2?"},
+                        {"role": "assistant", "content": "4"}]
+    with pytest.raises(CourseError, match="language"):
+        make_identity_dataset("x", language="fr", out_dir=tmp_path)
+
+
+BAD_RECORDS = [
+    ('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [oops\n', "line 2"),
+    ('{"messages": [{"content": "hi"}, {"role": "assistant", "content": "a"}]}', r"messages\[0\] has no 'role'"),
+    ('{"messages": [{"role": "bot", "content": "hi"}]}', r"messages\[0\]\.role is 'bot'"),
+    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]}',
+     r"messages\[1\]\.content is missing or empty"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant message"),
+    ('{"messages": []}', "non-empty list"),
+    ('{"conversation": [{"input": "hi"}]}', r"conversation\[0\]\.output is missing"),
+    ('{"conversation": [{"input": "", "output": "x"}]}', r"conversation\[0\]\.input"),
+    ('{"text": "hello"}', "neither 'messages'"),
+    ("   \n", "is empty"),
+]
+
+
+@pytest.mark.parametrize("content,message", BAD_RECORDS)
+def test_load_conversations_names_the_bad_record(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    good = '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n'
+    path.write_text(content if message in ("line 2", "is empty") else good + content)
+    with pytest.raises(CourseError, match=message) as err:
+        load_conversations(path)
+    if message not in ("line 2", "is empty"):
+        assert "record 1 (line 2)" in str(err.value)  # names which record, not just what
+
+
+def test_load_conversations_json_list_and_missing_file(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([{"conversation": [{"input": "q", "output": "a"}]},
+                                {"conversation": [{"input": "q"}]}]))
+    with pytest.raises(CourseError, match=r"record 1: conversation\[0\]\.output"):
+        load_conversations(path)
+    path.write_text('[{"conversation": [}')
+    with pytest.raises(CourseError, match="not valid JSON"):
+        load_conversations(path)
+    with pytest.raises(CourseError, match="make_identity_dataset"):
+        load_conversations(tmp_path / "nope.json")
+
+
+# ---- template masking, packing ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def _labelled(tok, example) -> str:
+    return tok.decode([t for t, lab in zip(example["input_ids"], example["labels"])
+                       if lab != IGNORE_INDEX])
+
+
+def test_labels_cover_exactly_the_assistant_replies(tokenizer):
+    ex = tokenize_conversation(tokenizer, CHAT)
+    assert len(ex["input_ids"]) == len(ex["labels"])
+    assert _labelled(tokenizer, ex) == "I am Puyu.<|im_end|>I answer questions about the bootcamp.<|im_end|>"
+    # every label equals its input token (the model shifts them itself)
+    assert all(lab in (IGNORE_INDEX, tok) for tok, lab in zip(ex["input_ids"], ex["labels"]))
+    text = tokenizer.decode(ex["input_ids"])
+    assert text.startswith("<|im_start|>system\n")  # SmolLM2's template adds its system prompt
+    # the first labelled token comes right after "<|im_start|>assistant\n"
+    first = next(i for i, lab in enumerate(ex["labels"]) if lab != IGNORE_INDEX)
+    assert tokenizer.decode(ex["input_ids"][:first]).endswith("<|im_start|>assistant\n")
+
+
+def _internlm2_like_tokenizer():
+    """A small byte-level BPE tokenizer with InternLM2's special tokens and chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=[
+        "<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([m["content"] for m in CHAT] * 5 + ["user assistant system"], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="</s>",
+                                   chat_template=INTERNLM2_CHAT_TEMPLATE)
+
+
+def test_labels_line_up_with_internlm2_template():
+    tok = _internlm2_like_tokenizer()
+    ex = tokenize_conversation(tok, [{"role": "system", "content": "Be brief."}] + CHAT)
+    tokens = tok.convert_ids_to_tokens(ex["input_ids"])
+    assert tokens[:2] == ["<s>", "<|im_start|>"]  # BOS from the template, not added twice
+    assert ex["labels"][0] == IGNORE_INDEX
+    assert _labelled(tok, ex) == "I am Puyu.<|im_end|>I answer questions about the bootcamp.<|im_end|>"
+    ends = [i for i, t in enumerate(tokens) if t == "<|im_end|>"]
+    assert [ex["labels"][i] != IGNORE_INDEX for i in ends] == [False, False, True, False, True]
+
+
+def test_internlm2_template_on_the_bundled_tokenizer(tokenizer):
+    ex = tokenize_conversation(tokenizer, CHAT, chat_template=INTERNLM2_CHAT_TEMPLATE)
+    # SmolLM2's bos_token is <|im_start|>, so InternLM2's "{{ bos_token }}" doubles it
+    assert tokenizer.decode(ex["input_ids"]).startswith("<|im_start|><|im_start|>user\n")
+    assert _labelled(tokenizer, ex) == "I am Puyu.<|im_end|>I answer questions about the bootcamp.<|im_end|>"
+
+
+def test_truncation_packing_and_collate(tokenizer):
+    convs = [CHAT[:2], CHAT, CHAT[:2]]
+    full = build_examples(tokenizer, convs, max_length=512)
+    lengths = [len(e["input_ids"]) for e in full]
+    packed = build_examples(tokenizer, convs, max_length=max(lengths) + lengths[0], pack=True)
+    assert len(packed) == 2 and all(len(p["input_ids"]) <= max(lengths) + lengths[0] for p in packed)
+    assert sum(len(p["input_ids"]) for p in packed) == sum(lengths)  # nothing lost or cut
+    assert sum(lab != IGNORE_INDEX for p in packed for lab in p["labels"]) == \
+        sum(lab != IGNORE_INDEX for e in full for lab in e["labels"])
+    assert pack_examples([{"input_ids": [1] * 5, "labels": [1] * 5}] * 3, 10) == \
+        [{"input_ids": [1] * 10, "labels": [1] * 10}, {"input_ids": [1] * 5, "labels": [1] * 5}]
+    batch = collate(full, pad_id=tokenizer.pad_token_id)
+    assert batch["input_ids"].shape == (3, max(lengths))
+    assert batch["attention_mask"].sum().item() == sum(lengths)
+    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
+    short = build_examples(tokenizer, convs, max_length=lengths[0] - 3)
+    assert all(len(e["input_ids"]) == lengths[0] - 3 for e in short)
+    with pytest.raises(CourseError, match="raise it"):
+        build_examples(tokenizer, convs, max_length=10)  # every reply cut off
+    html = show_labels(tokenizer, full[0])
+    assert html.count("#c8f7c5") == sum(lab != IGNORE_INDEX for lab in full[0]["labels"]) + 1
+
+
+# ---- config, export, memory estimate ----------------------------------------------------------------
+
+def _exec_xtuner_config(path):
+    """Execute an exported config with XTuner's imports stubbed (XTuner is not installed here)."""
+    names = ["datasets", "mmengine", "mmengine.dataset", "mmengine.hooks", "mmengine.optim",
+             "xtuner", "xtuner.dataset", "xtuner.dataset.collate_fns", "xtuner.dataset.map_fns",
+             "xtuner.engine", "xtuner.engine.hooks", "xtuner.engine.runner", "xtuner.model",
+             "xtuner.utils"]
+    stubs = {n: mock.MagicMock(name=n) for n in names}
+    namespace, saved = {}, {n: sys.modules.get(n) for n in names}
+    sys.modules.update(stubs)  # only these: the real torch/peft/transformers stay imported
+    try:
+        exec(compile(path.read_text(), str(path), "exec"), namespace)
+    finally:
+        for n, module in saved.items():
+            if module is None:
+                sys.modules.pop(n, None)
+            else:
+                sys.modules[n] = module
+    return namespace, stubs
+
+
+def test_export_xtuner_config_carries_the_values(tmp_path):
+    paths = make_identity_dataset("Alex", out_dir=tmp_path)
+    cfg = FinetuneConfig(data_path=str(paths["conversation"]), lr=3e-4, batch_size=2,
+                         accumulative_counts=4, max_length=128, pack_to_max_length=True,
+                         lora_r=16, lora_alpha=32, lora_targets=["q_proj", "v_proj"],
+                         evaluation_inputs=["Who are you?"], save_steps=5, quantization="4bit")
+    path = export_xtuner_config(cfg, tmp_path / "cfg" / "identity_qlora.py")
+    ast.parse(path.read_text())
+    ns, stubs = _exec_xtuner_config(path)
+    assert (ns["lr"], ns["batch_size"], ns["accumulative_counts"]) == (3e-4, 2, 4)
+    assert (ns["max_length"], ns["pack_to_max_length"], ns["max_epochs"]) == (128, True, 3)
+    assert ns["save_steps"] == 5 * 4 and ns["evaluation_freq"] == 3 * 4  # iterations = batches
+    assert ns["evaluation_inputs"] == ["Who are you?"] and ns["data_path"] == str(paths["conversation"])
+    assert ns["pretrained_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    lora = ns["model"]["lora"]
+    assert (lora["r"], lora["lora_alpha"], lora["target_modules"]) == (16, 32, ["q_proj", "v_proj"])
+    assert ns["model"]["llm"]["quantization_config"]["load_in_4bit"] is True
+    assert ns["train_dataset"]["dataset_map_fn"] is None  # XTuner conversation format as-is
+    assert ns["randomness"]["seed"] == cfg.seed
+
+
+def test_export_messages_format_uses_openai_map_fn(tmp_path):
+    paths = make_identity_dataset("Alex", out_dir=tmp_path)
+    cfg = FinetuneConfig(data_path=str(paths["messages"]), max_steps=7)
+    ns, stubs = _exec_xtuner_config(export_xtuner_config(cfg, tmp_path / "c.py"))
+    assert ns["train_dataset"]["dataset_map_fn"] is stubs["xtuner.dataset.map_fns"].openai_map_fn
+    assert ns["model"]["llm"]["quantization_config"] is None
+    assert ns["model"]["lora"]["target_modules"] is None  # XTuner's all-linear default
+    assert ns["max_iters"] == 7
+
+
+def test_config_table_and_profiles():
+    table = FinetuneConfig().table()
+    parts = table.index.get_level_values("part").unique()
+    assert len(parts) == 5 and parts[0].startswith("1") and parts[-1].startswith("5")
+    gpu = FinetuneConfig.for_profile("internstudio", lr=1e-4)
+    assert (gpu.quantization, gpu.model, gpu.lr, gpu.lora_r) == ("4bit", "internlm2_5-1_8b-chat", 1e-4, 64)
+    assert FinetuneConfig.for_profile("tiny") == FinetuneConfig()
+
+
+def test_bad_config_fails_before_loading_a_model(tmp_path):
+    with pytest.raises(CourseError, match="quantization"):
+        train(FinetuneConfig(quantization="8bit"))
+    with pytest.raises(CourseError, match="not found"):
+        train(FinetuneConfig(data_path=str(tmp_path / "missing.jsonl")))
+
+
+def test_qlora_memory_estimate_fits_internstudio_slices():
+    from course_utils.memory import INTERNLM2_5
+
+    small = estimate_qlora_memory(INTERNLM2_5["InternLM2.5-1.8B"])
+    big = estimate_qlora_memory(INTERNLM2_5["InternLM2.5-7B"])
+    assert 4 < small["total"] < 8 and 8 < big["total"] < 24
+    assert big["4-bit linear weights"] > 3 * small["4-bit linear weights"]
+    no_ckpt = estimate_qlora_memory(INTERNLM2_5["InternLM2.5-7B"],
+                                    FinetuneConfig.for_profile("internstudio", gradient_checkpointing=False))
+    assert no_ckpt["activations"] > 10 * big["activations"]
+
+
+# ---- real training on the tiny model ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir) -> tuple[TrainResult, FinetuneConfig]:
+    """One default LoRA run (the notebook's config) on the identity data."""
+    root = tmp_path_factory.mktemp("finetune")
+    data = make_identity_dataset("Alex", out_dir=root / "data")
+    cfg = FinetuneConfig(data_path=str(data["conversation"]), work_dir=str(root / "run"))
+    return train(cfg), cfg
+
+
+@pytest.mark.slow
+def test_default_run_learns_the_exact_self_introduction(trained):
+    result, cfg = trained
+    assert result.replies["Please introduce yourself."] == TARGET
+    before = result.eval_replies[result.eval_replies.step == 0]
+    assert TARGET not in set(before.reply)  # the base model did not already say it
+    log = result.log
+    assert list(log.step) == list(range(1, result.global_step + 1))
+    assert log.loss.iloc[-1] < log.loss.iloc[0] / 3
+    assert (result.adapter_dir / "adapter_config.json").is_file()
+    saved = json.loads((result.adapter_dir / "finetune_config.json").read_text())
+    assert saved["lr"] == cfg.lr and saved["lora_r"] == cfg.lora_r
+    checkpoints = sorted(p.name for p in result.adapter_dir.parent.glob("checkpoint-*"))
+    assert checkpoints == [f"checkpoint-{s}" for s in (6, 9)]  # every save_steps, 2 kept
+
+
+@pytest.mark.slow
+def test_lora_parameter_count_matches_the_estimate(trained):
+    from course_utils.memory import ModelShape
+
+    result, cfg = trained
+    shape = ModelShape.from_config(result.model.config.to_dict())
+    trainable = sum(p.numel() for p in result.model.parameters() if p.requires_grad)
+    estimate = estimate_qlora_memory(shape, cfg)["LoRA weights+grads+AdamW"] * 2**30 / 16
+    assert abs(estimate - trainable) / trainable < 0.01
+
+
+class _StopAfterSave(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_resume_after_interruption_reaches_the_same_end(trained, tmp_path):
+    from transformers import TrainerCallback
+
+    result, cfg = trained
+
+    class Crash(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            raise _StopAfterSave(state.global_step)  # like a kill right after a checkpoint
+
+    quick = FinetuneConfig(**{**cfg.__dict__, "work_dir": str(tmp_path / "run"),
+                              "evaluation_freq": 0, "eval_max_new_tokens": 2})
+    with pytest.raises(_StopAfterSave):
+        train(quick, callbacks=[Crash()])
+    assert (tmp_path / "run" / "checkpoint-3").is_dir()
+    resumed = train(quick, resume=True)
+    assert resumed.resumed_from == 3 and resumed.global_step == result.global_step
+    assert list(resumed.log.step) == list(range(4, result.global_step + 1))
+    # same data order, optimizer and scheduler state: the same losses as the uninterrupted run
+    full = result.log.set_index("step").loss
+    assert resumed.log.set_index("step").loss.round(3).equals(full.loc[4:].round(3))
+
+
+@pytest.mark.slow
+def test_merge_matches_base_plus_adapter(trained, tmp_path):
+    from course_utils.finetune import reply
+    from course_utils.models import load_model
+
+    result, _ = trained
+    out = merge_adapter(None, result.adapter_dir, tmp_path / "merged")
+    assert not list(tmp_path.glob("merged.tmp-*"))
+    model, tok = load_model(out)
+    assert reply(model, tok, "Please introduce yourself.") == TARGET
+    assert not hasattr(model, "peft_config")  # a plain model, no adapter needed
+
+
+def test_merge_refuses_quantized_bases(tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    fake = types.SimpleNamespace(is_loaded_in_4bit=True)
+    with pytest.raises(CourseError, match="full precision"):
+        merge_adapter((fake, None), adapter, tmp_path / "out")
+    quantized = tmp_path / "awq-model"
+    quantized.mkdir()
+    (quantized / "config.json").write_text(json.dumps({"quantization_config": {"bits": 4}}))
+    with pytest.raises(CourseError, match="quantized checkpoint"):
+        merge_adapter(str(quantized), adapter, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_merge_writes_nothing_when_replies_differ(trained, tmp_path, monkeypatch):
+    import course_utils.finetune as ft
+
+    result, _ = trained
+    real = ft.reply
+    monkeypatch.setattr(ft, "reply", lambda model, *a, **k: real(model, *a, **k)
+                        if hasattr(model, "peft_config") else "something else")
+    with pytest.raises(CourseError, match="not saved"):
+        merge_adapter(None, result.adapter_dir, tmp_path / "merged", prompts=["Who are you?"])
+    assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.slow
+def test_compare_replies_shows_before_and_after(trained):
+    from course_utils.finetune import compare_replies
+
+    result, _ = trained
+    table = compare_replies(result.model, result.tokenizer,
+                            {"identity": ["Please introduce yourself."]}, max_new_tokens=24)
+    row = table.iloc[0]
+    assert row["fine-tuned"] == TARGET and row["base"] != TARGET
+
+
+@pytest.mark.slow
+def test_qlora_on_cpu_learns(tmp_path, tiny_model_dir):
+    data = make_identity_dataset("Alex", out_dir=tmp_path / "data")
+    cfg = FinetuneConfig(data_path=str(data["conversation"]), work_dir=str(tmp_path / "run"),
+                         quantization="4bit", max_steps=4, lr=2e-3, evaluation_freq=0,
+                         evaluation_inputs=["Please introduce yourself."], eval_max_new_tokens=12,
+                         save_steps=4)
+    result = train(cfg)
+    import bitsandbytes as bnb
+
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in result.model.modules())
+    assert result.log.loss.iloc[-1] < result.log.loss.iloc[0] * 0.6  # it learns (no bf16 repack)
+    first, last = result.eval_replies.reply.iloc[0], result.eval_replies.reply.iloc[-1]
+    assert first != last and "Alex" in last
+    merged = merge_adapter(None, result.adapter_dir, tmp_path / "merged")  # into the fp32 base
+    assert (merged / "config.json").is_file()
+    assert "quantization_config" not in json.loads((merged / "config.json").read_text())
