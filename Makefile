@@ -43,11 +43,13 @@ models: setup
 course: models
 	$(PY) -m course_utils run $(NOTEBOOKS) --out build
 
-# Debian's chromium for the browser tests (Playwright drives it by path; no browser download).
+# Debian's chromium for the browser tests (Playwright drives it by path; no browser download), plus a
+# Chinese and an emoji font so screenshots show the lessons' Chinese text and the chat labels.
 browser:
-	@command -v chromium >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
-	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; fi; }
+	@{ command -v chromium >/dev/null && fc-list :lang=zh 2>/dev/null | grep -q .; } || { \
+	  pkgs="chromium fonts-wqy-microhei fonts-noto-color-emoji"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$pkgs >/dev/null; \
+	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$pkgs >/dev/null; fi; }
 
 unit: models
 	$(PY) -m pytest -q tests

@@ -15,14 +15,14 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("notebooks", nargs="+")
     run.add_argument("--out", default="build", help="folder for executed copies and HTML")
     run.add_argument("--inplace", action="store_true", help="overwrite the notebooks' stored outputs")
-    grade = sub.add_parser("grade", help="run homework notebooks headless and print a score table",
-                           add_help=False)
-    grade.add_argument("rest", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
-    if args.command == "grade":
+    sub.add_parser("grade", help="run homework notebooks headless and print a score table "
+                                 "(python -m course_utils grade --help)")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["grade"]:  # the grader owns its own options
         from .grading import main as grade_main
 
-        return grade_main(args.rest)
+        return grade_main(argv[1:])
+    args = parser.parse_args(argv)
 
     if args.command == "doctor":
         from .env import doctor

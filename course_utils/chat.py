@@ -216,6 +216,9 @@ class ChatSession:
         while len(history) > 1 and self.backend.count_tokens(self.messages(history)) > budget:
             history.pop(0)
             dropped += 1
+            while len(history) > 1 and history[0]["role"] != "user":  # start on a user turn
+                history.pop(0)
+                dropped += 1
         if dropped:
             self._notice(f"[notice] The conversation outgrew the {budget}-token budget: the "
                          f"{dropped} oldest message(s) are left out of the prompt.")

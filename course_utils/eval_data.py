@@ -240,10 +240,9 @@ CONFIG_HEADER = '''\
 # OpenCompass config written by course_utils.evaluate.export_opencompass_config.
 # Run it on InternStudio (CUDA), in an environment with OpenCompass (it pins its own libraries):
 #   conda create -n opencompass python=3.10 -y && conda activate opencompass
-#   git clone https://github.com/open-compass/opencompass /root/opencompass
-#   cd /root/opencompass && pip install -e .
+#   git clone https://github.com/open-compass/opencompass && cd opencompass && pip install -e .
 #   cp /share/temp/datasets/OpenCompassData-core-20231110.zip . && unzip OpenCompassData-core-20231110.zip
-#   {command}
+#   {command}    (in the opencompass folder, with this file copied there)
 # --debug runs the tasks one after another and prints their logs; results land in work_dir.
 # Course datasets are read from data_root, relative to where you run it: copy this repo's data/eval there.
 '''

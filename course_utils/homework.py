@@ -454,7 +454,8 @@ def _check_rag_question(answer) -> str:
         raise Missing("the knowledge base is empty: build it over a folder first")
     if len(fact) < 3 or _contains(question, fact):
         raise Missing("'fact' must be the words a right answer contains, not a part of the question")
-    hits = rag.retrieve(store, question, k=4)
+    k = int(answer.get("k", 4)) if isinstance(answer, dict) else 4  # chunks in the RAG prompt
+    hits = rag.retrieve(store, question, k=k)
     if not any(_contains(h.text, fact) for h in hits):
         raise Missing(f"{fact!r} is not in the chunks retrieved for the question: it must come "
                       "from the knowledge base")
@@ -462,7 +463,7 @@ def _check_rag_question(answer) -> str:
     if _contains(bare, fact):
         raise Missing(f"the bare model already answers it: {bare[:80]!r}")
     llm = rag.as_chat_model(chat, temperature=0.0)
-    got = rag.make_rag_chain(llm, store, k=4).invoke(question)["answer"]
+    got = rag.make_rag_chain(llm, store, k=k).invoke(question)["answer"]
     if not _contains(got, fact):
         raise Missing(f"the RAG chain does not answer it either: {got[:80]!r}")
     return (f"{len(files)} files indexed; asked again: the bare model misses {fact!r}, "
@@ -472,9 +473,9 @@ def _check_rag_question(answer) -> str:
 def _default_hit_rate(k: int) -> tuple[float, set]:
     """hit@k of the lesson's default store (default split, plain similarity) and its files."""
     from . import rag
-    from .paths import outputs_dir
+    from .paths import DATA_DIR, outputs_dir
 
-    store, _ = rag.build_vectorstore(rag.DATA_DIR / "knowledge_base", outputs_dir() / "homework" /
+    store, _ = rag.build_vectorstore(DATA_DIR / "knowledge_base", outputs_dir() / "homework" /
                                      "rag-default", progress=False)
     return rag.evaluate_retrieval(store, rag.load_eval_set(), k=k).hit_rate, set(rag.indexed_files(store))
 
@@ -500,13 +501,15 @@ def _check_hit3(answer) -> str:
 
 # ---- lesson 4: fine-tuning ----------------------------------------------------------------------
 
-# Questions SmolLM2-135M and InternLM2.5 answer right, with words every right answer contains.
+# Held-out general questions SmolLM2-135M (greedy) and InternLM2.5 answer right, with words every right
+# answer contains. The forgetting check asks them with the adapter off and on.
 GENERAL_QUESTIONS = {
     "What is the capital of France?": ("paris",),
+    "What is the capital of Japan?": ("tokyo",),
     "How many days are there in a week?": ("seven", "7"),
-    "What color is the sky on a clear day?": ("blue",),
-    "What do bees make?": ("honey",),
-    "What is the largest planet in our solar system?": ("jupiter",),
+    "What is the opposite of hot?": ("cold",),
+    "What is the chemical symbol for water?": ("h2o",),
+    "What is the boiling point of water in Celsius?": ("100",),
 }
 
 
@@ -550,13 +553,13 @@ def _trained_questions(answer) -> set[str]:
     return {m["content"] for conv in load_conversations(data_path) for m in conv if m["role"] == "user"}
 
 
-def _replies(model, tokenizer, question: str) -> tuple[str, str]:
+def _replies(model, tokenizer, question: str, tokens: int = 32) -> tuple[str, str]:
     """(base, fine-tuned) greedy replies of a PEFT model to ``question``."""
     from .finetune import reply
 
     with model.disable_adapter():
-        before = reply(model, tokenizer, question, max_new_tokens=32)
-    return before, reply(model, tokenizer, question, max_new_tokens=32)
+        before = reply(model, tokenizer, question, max_new_tokens=tokens)
+    return before, reply(model, tokenizer, question, max_new_tokens=tokens)
 
 
 def _learner_name(answer) -> str:
@@ -600,7 +603,7 @@ def _check_forgetting(answer) -> str:
         raise Missing(f"the identity is gone: the model says {after[:60]!r}")
     known, lost = 0, []
     for question, words in GENERAL_QUESTIONS.items():
-        before, now = _replies(model, tokenizer, question)
+        before, now = _replies(model, tokenizer, question, tokens=24)
         if any(w in before.lower() for w in words):
             known += 1
             if not any(w in now.lower() for w in words):

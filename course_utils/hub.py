@@ -94,12 +94,18 @@ def download(repo_id: str, filename: str, *, source: str | None = None, endpoint
             raise _network_error(exc, endpoint) from exc
 
 
+def _require_modelscope_online() -> None:
+    from .models import downloads_allowed
+
+    if not downloads_allowed():
+        raise CourseError("Downloads are off (HF_HUB_OFFLINE=1; the tiny profile sets it): start "
+                          "Python with HF_HUB_OFFLINE=0 to download from ModelScope.")
+
+
 def _modelscope_file(repo_id: str, filename: str, revision: str | None, cache_dir) -> Path:
     from modelscope.hub.file_download import model_file_download
 
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "false", "no", ""):
-        raise CourseError("Downloads are off (HF_HUB_OFFLINE=1; the tiny profile sets it): start "
-                          "Python with HF_HUB_OFFLINE=0 to download from ModelScope.")
+    _require_modelscope_online()
     try:
         return Path(model_file_download(repo_id, filename, revision=revision or "master",
                                         cache_dir=None if cache_dir is None else str(cache_dir)))
@@ -113,6 +119,7 @@ def snapshot(repo_id: str, dest: Path, *, source: str | None = None, endpoint: s
     if hub_source(source) == "modelscope":
         from modelscope import snapshot_download as ms_snapshot
 
+        _require_modelscope_online()
         try:
             return Path(ms_snapshot(repo_id, revision=revision or "master", local_dir=str(dest)))
         except Exception as exc:

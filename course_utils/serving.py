@@ -45,6 +45,12 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
     return False
 
 
+def _cli(name: str) -> str:
+    """The console script of this Python's environment (venv/conda) if there, else from PATH."""
+    exe = Path(sys.executable).with_name(name)
+    return str(exe) if exe.exists() else name
+
+
 def lmdeploy_command(model_path: str | Path, *, model_name: str, host: str = "127.0.0.1",
                      port: int = 23333, api_key: str | None = None, tp: int = 1,
                      quant_policy: int = 0, cache_max_entry_count: float = 0.8,
@@ -57,7 +63,7 @@ def lmdeploy_command(model_path: str | Path, *, model_name: str, host: str = "12
                           f"use a number in (0, 1], not {cache_max_entry_count}.")
     if model_format not in (None, "hf", "awq", "gptq"):
         raise CourseError(f"model_format={model_format!r}: use None, 'hf', 'awq' or 'gptq'.")
-    cmd = ["lmdeploy", "serve", "api_server", str(model_path),
+    cmd = [_cli("lmdeploy"), "serve", "api_server", str(model_path),
            "--server-name", host, "--server-port", str(port), "--model-name", model_name,
            "--backend", "turbomind", "--tp", str(tp), "--quant-policy", str(quant_policy),
            "--cache-max-entry-count", str(cache_max_entry_count)]
@@ -72,8 +78,7 @@ def transformers_command(model_name: str, *, host: str = "127.0.0.1", port: int 
                          device: str = "cpu", quantization: str | None = None,
                          extra_args=()) -> list[str]:
     """The ``transformers serve`` command line; ``model_name`` is a folder relative to its cwd."""
-    exe = Path(sys.executable).with_name("transformers")  # the CLI of this venv's transformers
-    cmd = [str(exe) if exe.exists() else "transformers", "serve", model_name, "--host", host,
+    cmd = [_cli("transformers"), "serve", model_name, "--host", host,
            "--port", str(port), "--device", device, "--log-level", "info"]
     if quantization:
         cmd += ["--quantization", quantization]

@@ -115,6 +115,7 @@ def test_trimming_drops_oldest_turns_with_a_notice():
     last_prompt = s.backend.prompts[-1]
     assert s.backend.count_tokens(last_prompt) <= 60 - 10
     assert last_prompt[-1]["content"].startswith("question number 5")
+    assert last_prompt[0]["role"] == "user"  # trimmed to whole turns
     assert len(s.history) == 12  # the history itself is kept whole
 
 

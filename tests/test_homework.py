@@ -86,14 +86,16 @@ def test_check_never_raises_and_saves_progress(scratch_progress, capsys, monkeyp
         "L9.boom", 9, "basic", "boom", "a hint", exploding_checker))
     homework.check("L9.boom", 1)
     homework.check("L0.nope", 1)
+    homework.check("L1.max_context", None)
     homework.check("L1.env", homework.NotDone("TODO: x"))
     out = capsys.readouterr().out
+    assert "❌ L1.max_context: no answer: the task function returned None" in out
     assert "❌ L9.boom: could not check the answer (KeyError" in out and "hint: a hint" in out
     assert "❌ L0.nope: unknown task id" in out
     assert "❌ L1.env: not done yet (TODO: x)" in out
     saved = json.loads(scratch_progress.read_text())
     assert saved["tasks"]["L1.env"]["passed"] is False
-    assert set(saved["tasks"]) == {"L9.boom", "L0.nope", "L1.env"}
+    assert set(saved["tasks"]) == {"L9.boom", "L0.nope", "L1.max_context", "L1.env"}
 
 
 def test_progress_remembers_first_pass_and_student(scratch_progress, capsys):
@@ -346,3 +348,17 @@ def test_untrained_or_unquantized_model_fails(tmp_path, tiny_model_dir):
     assert not result.passed and "no 'Ada'" in result.detail
     plain = {"model": model, "tokenizer": tokenizer, "weight_bytes": 1, "perplexity": 1.0}
     assert "no QuantLinear" in homework.run_check("L5.w4a16", plain).detail
+
+
+def test_grade_arguments_fit_a_subcommand(monkeypatch):
+    """What course_utils/__main__.py wires up: a `grade` subparser using grading.add_arguments/run."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m course_utils")
+    grading.add_arguments(parser.add_subparsers(dest="command").add_parser("grade"))
+    args = parser.parse_args(["grade", "homework/", "--json", "--timeout", "60"])
+    assert (args.paths, args.json, args.timeout, args.out) == (["homework/"], True, 60, "build/graded")
+    seen = {}
+    monkeypatch.setattr(grading, "grade", lambda paths, **kw: seen.update(paths=paths, **kw) or
+                        __import__("pandas").DataFrame(columns=grading.COLUMNS + ["notebook"]))
+    assert grading.run(args) == 0 and seen["paths"] == ["homework/"] and seen["timeout"] == 60

@@ -129,3 +129,13 @@ def test_mirror_rejects_unknown_urls(mirror):
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(mirror.endpoint + f"/{REPO}/resolve/main/../../../etc/passwd")
     assert err.value.code == 404
+
+
+def test_modelscope_refuses_while_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CourseError, match="ModelScope"):
+        hub.download("Shanghai_AI_Laboratory/internlm2-chat-1_8b", "config.json",
+                     source="modelscope", cache_dir=tmp_path)
+    with pytest.raises(CourseError, match="ModelScope"):
+        hub.snapshot("Shanghai_AI_Laboratory/internlm2-chat-1_8b", tmp_path / "m",
+                     source="modelscope")
