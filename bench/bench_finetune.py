@@ -80,6 +80,24 @@ def baseline_run(data_path: Path, work: Path, target: str) -> dict:
             "exact_at_step": None, "final_exact": answer == target, "final_reply": answer}
 
 
+def nf4_storage_check() -> dict:
+    """Bytes bitsandbytes really stores for NF4 + double quant vs the estimate's 4.127 bits/weight."""
+    import bitsandbytes as bnb
+
+    from course_utils.models import load_model
+
+    model, _ = load_model("smollm2-135m-instruct", quantization="4bit")
+    params = stored = 0
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            qs = m.weight.quant_state
+            params += m.in_features * m.out_features
+            stored += m.weight.numel() * m.weight.element_size() + qs.absmax.nbytes
+            stored += qs.state2.absmax.nbytes if qs.nested else 0
+    return {"linear params": params, "bits/weight measured": round(8 * stored / params, 3),
+            "bits/weight estimate": round(8 * (0.5 + 1 / 64 + 4 / (64 * 256)), 3)}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--qlora", action="store_true", help="also time QLoRA (NF4) on the CPU")
@@ -102,6 +120,8 @@ def main(argv=None) -> int:
             rows["course QLoRA 4-bit on CPU"] = course_run(data, Path(tmp) / "qlora", target,
                                                            quantization="4bit")
         print("load average after:", load_average())
+        storage = nf4_storage_check()
+        print("NF4 storage:", storage)
     rows = {name: {**row, "peak_rss_gb": row.get("peak_rss_gb", peak_rss_gb())}
             for name, row in rows.items()}
     import pandas as pd
@@ -109,7 +129,8 @@ def main(argv=None) -> int:
     print(pd.DataFrame(rows).T.to_string())
     out = outputs_dir() / "bench" / "finetune.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"load_average": load_average(), "runs": rows}, indent=1))
+    out.write_text(json.dumps({"load_average": load_average(), "runs": rows, "nf4": storage},
+                              indent=1))
     ok = rows["course default (notebook)"]["final_exact"]
     return 0 if ok else 1
 

@@ -35,33 +35,38 @@ def variant_rows(model, tokenizer, texts, calib, new_tokens: int):
     rtn = q.quantize_w4a16(copy.deepcopy(model), "rtn", progress=False)
     t_rtn = time.perf_counter() - start
     start = time.perf_counter()
-    awq = q.quantize_w4a16(copy.deepcopy(model), "awq", calib_texts=calib, tokenizer=tokenizer, progress=False)
+    awq = q.quantize_w4a16(copy.deepcopy(model), "awq", calib_texts=calib, tokenizer=tokenizer,
+                           progress=False)
     t_awq = time.perf_counter() - start
     extra = {
         "W4A16-RTN g64": q.quantize_w4a16(copy.deepcopy(model), "rtn", 64, progress=False),
-        "W4A16-AWQ + lm_head": q.quantize_w4a16(copy.deepcopy(model), "awq", calib_texts=calib, tokenizer=tokenizer,
-                                                quantize_lm_head=True, progress=False),
+        "W4A16-AWQ + lm_head": q.quantize_w4a16(copy.deepcopy(model), "awq", calib_texts=calib,
+                                                tokenizer=tokenizer, quantize_lm_head=True,
+                                                progress=False),
     }
     plan = [("fp32", model, "fp32"), ("bf16", bf16, "bf16"), ("W4A16-RTN", rtn, "bf16"),
             ("W4A16-AWQ", awq, "bf16"), ("KV int8", bf16, "int8"), ("KV int4", bf16, "int4"),
             ("AWQ + KV int8", awq, "int8")] + [(k, m, "bf16") for k, m in extra.items()]
-    rows = [q.measure_variant(name, m, tokenizer, texts, kv=kind, new_tokens=new_tokens) for name, m, kind in plan]
-    return rows, {"RTN quantize (s)": round(t_rtn, 1), "AWQ quantize, 20 alphas x 512 tokens (s)": round(t_awq, 1)}
+    rows = [q.measure_variant(name, m, tokenizer, texts, kv=kind, new_tokens=new_tokens)
+            for name, m, kind in plan]
+    return rows, {"RTN quantize (s)": round(t_rtn, 1),
+                  "AWQ quantize, 20 alphas x 512 tokens (s)": round(t_awq, 1)}
 
 
 def serving_rows(max_tokens: int = 32) -> list[dict]:
     """8 requests one at a time and 8 at once, with and without continuous batching."""
     from course_utils import serving
-    from course_utils.quantize import benchmark_concurrency
+    from course_utils.quantize import CPU_BATCHING_ARGS, benchmark_concurrency
 
     prompts = [f"Write one sentence about the number {i}." for i in range(8)]
     rows = []
     for cb in (False, True):
-        extra = ["--continuous-batching"] if cb else []
+        extra = list(CPU_BATCHING_ARGS) if cb else []
         with serving.serve("smollm2-135m-instruct", port=serving.free_port(), extra_args=extra) as srv:
             client = serving.client(srv)
             for concurrency in (1, 8):
-                res = benchmark_concurrency(client, srv.model, prompts, concurrency=concurrency, max_tokens=max_tokens)
+                res = benchmark_concurrency(client, srv.model, prompts, concurrency=concurrency,
+                                            max_tokens=max_tokens)
                 rows.append({"continuous batching": cb, "server start (s)": round(srv.started_s, 1), **res})
     return rows
 
@@ -86,9 +91,11 @@ def main(argv=None) -> str:
     torch.manual_seed(0)
     load = os.getloadavg()
     lines = [f"# Lesson 5 benchmark ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-             f"torch threads {torch.get_num_threads()}, load average {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f})", ""]
+             f"torch threads {torch.get_num_threads()}, "
+             f"load average {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f})", ""]
     model, tokenizer = load_model("smollm2-135m-instruct")
-    rows, timings = variant_rows(model, tokenizer, q.load_texts("heldout"), q.load_texts("calib"), args.new_tokens)
+    texts, calib = q.load_texts("heldout"), q.load_texts("calib")
+    rows, timings = variant_rows(model, tokenizer, texts, calib, args.new_tokens)
     table = q.tradeoff_table(rows)
     lines += [markdown(table), "", f"Quantization time: {timings}", ""]
     if not args.no_serve:

@@ -17,34 +17,30 @@ import os
 import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import CourseError
 
-PARTS = {  # field -> (XTuner config part, XTuner variable name)
-    "data_path": ("1 settings", "alpaca_en_path"), "work_dir": ("1 settings", "--work-dir"),
-    "seed": ("1 settings", "randomness.seed"),
-    "model": ("2 model & tokenizer", "pretrained_model_name_or_path"),
-    "quantization": ("2 model & tokenizer", "quantization_config"),
-    "lora_r": ("2 model & tokenizer", "lora.r"), "lora_alpha": ("2 model & tokenizer", "lora.lora_alpha"),
-    "lora_dropout": ("2 model & tokenizer", "lora.lora_dropout"),
-    "lora_targets": ("2 model & tokenizer", "lora.target_modules"),
-    "max_length": ("3 dataset & dataloader", "max_length"),
-    "pack_to_max_length": ("3 dataset & dataloader", "pack_to_max_length"),
-    "batch_size": ("3 dataset & dataloader", "batch_size"),
-    "accumulative_counts": ("4 scheduler & optimizer", "accumulative_counts"),
-    "max_epochs": ("4 scheduler & optimizer", "max_epochs"),
-    "max_steps": ("4 scheduler & optimizer", "train_cfg.max_iters"),
-    "lr": ("4 scheduler & optimizer", "lr"), "weight_decay": ("4 scheduler & optimizer", "weight_decay"),
-    "max_norm": ("4 scheduler & optimizer", "max_norm"),
-    "warmup_ratio": ("4 scheduler & optimizer", "warmup_ratio"),
-    "system_prompt": ("5 runtime", "SYSTEM"),
-    "evaluation_inputs": ("5 runtime", "evaluation_inputs"),
-    "evaluation_freq": ("5 runtime", "evaluation_freq"),
-    "eval_max_new_tokens": ("5 runtime", "EvaluateChatHook.max_new_tokens"),
-    "save_steps": ("5 runtime", "save_steps"), "save_total_limit": ("5 runtime", "save_total_limit"),
-    "gradient_checkpointing": ("5 runtime", "gradient_checkpointing"),
+PARTS = {  # XTuner config part -> {FinetuneConfig field: XTuner variable name}
+    "1 settings": {"data_path": "alpaca_en_path", "work_dir": "--work-dir",
+                   "seed": "randomness.seed"},
+    "2 model & tokenizer": {"model": "pretrained_model_name_or_path",
+                            "quantization": "quantization_config", "lora_r": "lora.r",
+                            "lora_alpha": "lora.lora_alpha", "lora_dropout": "lora.lora_dropout",
+                            "lora_targets": "lora.target_modules"},
+    "3 dataset & dataloader": {"max_length": "max_length",
+                               "pack_to_max_length": "pack_to_max_length",
+                               "batch_size": "batch_size"},
+    "4 scheduler & optimizer": {"accumulative_counts": "accumulative_counts",
+                                "max_epochs": "max_epochs", "max_steps": "train_cfg.max_iters",
+                                "lr": "lr", "weight_decay": "weight_decay",
+                                "max_norm": "max_norm", "warmup_ratio": "warmup_ratio"},
+    "5 runtime": {"system_prompt": "SYSTEM", "evaluation_inputs": "evaluation_inputs",
+                  "evaluation_freq": "evaluation_freq",
+                  "eval_max_new_tokens": "EvaluateChatHook.max_new_tokens",
+                  "save_steps": "save_steps", "save_total_limit": "save_total_limit",
+                  "gradient_checkpointing": "gradient_checkpointing"},
 }
 
 
@@ -97,7 +93,8 @@ class FinetuneConfig:
         """The config as a table grouped like an XTuner config file."""
         import pandas as pd
 
-        rows = [(*PARTS[f.name], f.name, repr(_shown(getattr(self, f.name)))) for f in fields(self)]
+        rows = [(part, xtuner, name, repr(_shown(getattr(self, name))))
+                for part, names in PARTS.items() for name, xtuner in names.items()]
         return pd.DataFrame(rows, columns=["part", "XTuner name", "field", "value"]).set_index(
             ["part", "field"])
 
@@ -150,7 +147,8 @@ def quiet_libraries() -> None:
     # bitsandbytes warns on import that an optional faster CPU kernel package is missing.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     # peft 0.21 reads a transformers property that 5.x deprecates; nothing for the learner to do.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
+                            category=FutureWarning)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -215,7 +213,8 @@ def _paths(cfg: FinetuneConfig) -> tuple[Path, Path]:
     from .paths import outputs_dir
 
     work = Path(cfg.work_dir) if cfg.work_dir else outputs_dir() / "finetune" / "run"
-    data = Path(cfg.data_path) if cfg.data_path else outputs_dir() / "finetune" / "data" / "identity.json"
+    default_data = outputs_dir() / "finetune" / "data" / "identity.json"
+    data = Path(cfg.data_path) if cfg.data_path else default_data
     if cfg.data_path is None and not data.is_file():
         raise CourseError("No dataset yet: run make_identity_dataset('your name') first, or set "
                           "FinetuneConfig(data_path=...).")
@@ -385,8 +384,9 @@ def base_answers(model, tokenizer, questions: list[str], *, max_new_tokens: int 
 
 
 def _is_quantized(model) -> bool:
-    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
-                or getattr(model, "hf_quantizer", None) is not None)
+    flags = ("is_loaded_in_4bit", "is_loaded_in_8bit")
+    quantizer = getattr(model, "hf_quantizer", None)
+    return any(getattr(model, f, False) for f in flags) or quantizer is not None
 
 
 def _full_precision_base(base, adapter: Path):
@@ -422,7 +422,8 @@ def merge_adapter(base, adapter: str | Path, out: str | Path, *,
 
     adapter, out = Path(adapter), Path(out)
     if not (adapter / "adapter_config.json").is_file():
-        raise CourseError(f"{adapter.name!r} has no adapter_config.json: pass train()'s adapter_dir.")
+        raise CourseError(f"{adapter.name!r} has no adapter_config.json: pass train()'s "
+                          "adapter_dir.")
     quiet_libraries()
     model, tokenizer = _full_precision_base(base, adapter)
     prompts = prompts or _adapter_prompts(adapter)
@@ -433,7 +434,8 @@ def merge_adapter(base, adapter: str | Path, out: str | Path, *,
         got = reply(merged, tokenizer, p)
         if got != want:
             raise CourseError(f"Merged model answers {p!r} with {got!r}, base+adapter with "
-                              f"{want!r}: not saved. Is the base the one the adapter was trained on?")
+                              f"{want!r}: not saved. Is the base the one the adapter was "
+                              "trained on?")
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp)
@@ -485,17 +487,28 @@ def export_xtuner_config(cfg: FinetuneConfig, path: str | Path) -> Path:
         lr=cfg.lr, weight_decay=cfg.weight_decay, max_norm=cfg.max_norm,
         warmup_ratio=cfg.warmup_ratio, save_iters=cfg.save_steps * per_step,
         save_total_limit=cfg.save_total_limit,
-        evaluation_iters=max(cfg.evaluation_freq, 1) * per_step, system=repr(cfg.system_prompt or ""),
+        evaluation_iters=max(cfg.evaluation_freq, 1) * per_step,
+        system=repr(cfg.system_prompt or ""),
         evaluation_inputs=repr(list(cfg.evaluation_inputs)),
         quantization_config=bnb if cfg.quantization == "4bit" else "None",
         lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
         target_modules=None if cfg.lora_targets == "all-linear" else repr(list(cfg.lora_targets)),
         seed=cfg.seed,
     )
-    text = Template((DATA_DIR / "finetune" / "xtuner_config.py.tmpl").read_text()).substitute(values)
+    template = Template((DATA_DIR / "finetune" / "xtuner_config.py.tmpl").read_text())
+    text = template.substitute(values)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def lora_parameter_count(shape, r: int) -> int:
+    """Trainable parameters of rank-``r`` LoRA on every linear layer of a llama-style model."""
+    h, inter = shape.hidden, shape.intermediate
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    # r * (in + out) per adapted matrix: q, k, v, o, gate, up, down
+    per_layer = (h + q) + 2 * (h + kv) + (q + h) + 2 * (h + inter) + (inter + h)
+    return shape.layers * r * per_layer
 
 
 def estimate_qlora_memory(shape, cfg: FinetuneConfig | None = None) -> dict[str, float]:
@@ -511,7 +524,6 @@ def estimate_qlora_memory(shape, cfg: FinetuneConfig | None = None) -> dict[str,
     h, inter = shape.hidden, shape.intermediate
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim  # projection widths
     linear = h * (q + 2 * kv) + q * h + 3 * h * inter  # per layer: q, k, v, o, gate, up, down
-    lora = cfg.lora_r * (3 * h + q + 2 * kv + q + h + 2 * (h + inter) + inter + h)  # r*(in+out) each
     embed = shape.vocab * h * (1 if shape.tied_embeddings else 2)
     tokens = cfg.batch_size * cfg.max_length
     layer_act = 34 * tokens * h  # bytes one bf16 layer keeps for backward (Korthikanti et al.)
@@ -520,7 +532,7 @@ def estimate_qlora_memory(shape, cfg: FinetuneConfig | None = None) -> dict[str,
     parts = {
         "4-bit linear weights": shape.layers * linear * (0.5 + 1 / 64 + 4 / (64 * 256)),
         "fp32 embeddings + head": embed * 4,
-        "LoRA weights+grads+AdamW": shape.layers * lora * 16,
+        "LoRA weights+grads+AdamW": lora_parameter_count(shape, cfg.lora_r) * 16,
         "activations": act,
         "logits + grad (fp32)": tokens * shape.vocab * 4 * 2,
         "CUDA context + allocator": 1.0 * 2**30,

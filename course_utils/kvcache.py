@@ -135,13 +135,14 @@ def cache_bytes(cache) -> int:
     total = 0
     for layer in cache.layers:
         tensors = layer.tensors() if hasattr(layer, "tensors") else []
-        tensors += [getattr(layer, a, None) for a in ("keys", "values", "_quantized_keys", "_quantized_values")]
+        tensors += [getattr(layer, a, None)
+                    for a in ("keys", "values", "_quantized_keys", "_quantized_values")]
         total += sum(_tensor_bytes(t) for t in tensors if t is not None)
     return total
 
 
 def kv_bytes(config, tokens: int, bits: int = 16, batch: int = 1) -> int:
-    """Expected KV-cache bytes: 2 (K, V) x layers x kv_heads x tokens x (head_dim x bits/8 [+ scale, zero])."""
+    """Expected KV-cache bytes: 2 x layers x kv_heads x tokens x (head_dim x bits/8 [+ scale, zero])."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     per_head_token = head_dim * bits // 8 + (SCALE_ZERO_BYTES if bits <= 8 else 0)
     return 2 * config.num_hidden_layers * config.num_key_value_heads * tokens * per_head_token * batch

@@ -182,7 +182,8 @@ def gpu_memory_used_mib() -> int:
         out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
                              capture_output=True, text=True, check=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as exc:
-        raise CourseError("nvidia-smi is not available: GPU memory can only be read on a CUDA machine.") from exc
+        raise CourseError("nvidia-smi is not available: GPU memory can only be read on a CUDA "
+                          "machine.") from exc
     return int(out.split()[0])
 
 

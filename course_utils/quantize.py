@@ -445,6 +445,13 @@ def generation_benchmark(model, tokenizer, prompt: str = "Write a short story ab
             "text": tokenizer.decode(new, skip_special_tokens=True)}
 
 
+# transformers serve flags for continuous batching on a CPU. Its defaults size the paged KV cache
+# from free memory (about 11 GB of RAM for SmolLM2, enough to get killed on a shared machine);
+# 64 pages x 32 tokens = 2048 tokens in flight is plenty for 8 short requests.
+CPU_BATCHING_ARGS = ("--continuous-batching", "--cb-num-blocks", "64", "--cb-block-size", "32",
+                     "--cb-max-batch-tokens", "256")
+
+
 def benchmark_concurrency(client, model: str, prompts: list[str], *, concurrency: int = 8,
                           max_tokens: int = 32) -> dict:
     """Send ``prompts`` to an OpenAI-compatible server, ``concurrency`` at a time: latency, throughput."""
@@ -485,7 +492,8 @@ def measure_variant(name: str, model, tokenizer, texts: list[str], *, kv: str = 
     filled = fill_cache(make_cache(kv, model.config), model.config, context, model.dtype)
     speed = generation_benchmark(model, tokenizer, max_new_tokens=new_tokens, cache_factory=factory)
     return {"variant": name, "weight_bytes": weight_bytes(model), "kv_bytes_2k": cache_bytes(filled),
-            "perplexity": ppl if ppl is not None else perplexity(model, tokenizer, texts, cache_factory=factory),
+            "perplexity": ppl if ppl is not None else perplexity(model, tokenizer, texts,
+                                                                 cache_factory=factory),
             "tokens/s": round(speed["tokens_per_s"], 1)}
 
 

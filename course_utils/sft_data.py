@@ -93,12 +93,14 @@ def _read_records(path: Path) -> list[tuple[str, object]]:
     """``(where, record)`` pairs from a JSON list or a JSON-lines file; ``where`` names the spot."""
     text = path.read_text(encoding="utf-8")
     if not text.strip():
-        raise CourseError(f"{path.name} is empty: write one record per line (JSONL) or a JSON list.")
+        raise CourseError(f"{path.name} is empty: write one record per line (JSONL) or a JSON "
+                          "list.")
     if text.lstrip().startswith("["):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise CourseError(f"{path.name} is not valid JSON (line {exc.lineno}: {exc.msg}).") from None
+            raise CourseError(f"{path.name} is not valid JSON (line {exc.lineno}: "
+                              f"{exc.msg}).") from None
         return [(f"record {i}", rec) for i, rec in enumerate(data)]
     records = []
     for lineno, line in enumerate(text.splitlines(), start=1):
@@ -181,7 +183,7 @@ def _assistant_spans(tokenizer, messages: list[dict], template: str | None) -> t
 
 def tokenize_conversation(tokenizer, messages: list[dict], max_length: int | None = None, *,
                           chat_template: str | None = None) -> dict | None:
-    """``{"input_ids", "labels"}`` with labels only on assistant tokens; None if truncation left none."""
+    """``{"input_ids", "labels"}`` (labels on assistant tokens only); None if truncation cut all."""
     text, spans = _assistant_spans(tokenizer, messages, chat_template)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, labels = list(enc["input_ids"]), []
@@ -225,7 +227,7 @@ def build_examples(tokenizer, conversations: list[list[dict]], max_length: int, 
 
 
 def collate(features: list[dict], pad_id: int) -> dict:
-    """Right-pad a batch: ``input_ids`` with ``pad_id``, ``labels`` with -100, plus attention_mask."""
+    """Right-pad a batch: ``input_ids`` with ``pad_id``, ``labels`` with -100, + attention_mask."""
     import torch
 
     width = max(len(f["input_ids"]) for f in features)

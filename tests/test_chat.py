@@ -268,3 +268,17 @@ def test_load_with_a_lora_adapter(tmp_path):
     s = ChatSession.load((base, tok), adapter=tmp_path / "adapter", max_new_tokens=6)
     assert isinstance(s.backend.model, PeftModel)
     assert "Paris" in s.ask("What is the capital of France?")
+
+
+def test_widget_buttons_send_in_the_background_and_stop():
+    s = fake_session(reply=" ".join(f"w{i}" for i in range(20)), delay=0.05)
+    w = ChatWidget(s)
+    w.text.value = "Go on"
+    w.send_button.click()  # returns at once: the reply streams in a thread
+    assert w.text.value == "" and w._thread.is_alive()
+    time.sleep(0.2)
+    w.stop_button.click()
+    w._thread.join(5)
+    kept = s.history[-1]["content"].split()
+    assert 0 < len(kept) < 20 and w.last_reply.split() == kept
+    assert w.send_button.disabled is False

@@ -107,7 +107,8 @@ class _UniformLM(torch.nn.Module):
 def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(tiny_model):
     _, tok = tiny_model
     vocab = len(tok)
-    assert q.perplexity(_UniformLM(vocab), tok, q.load_texts("heldout")[:2], window=64) == pytest.approx(vocab)
+    ppl = q.perplexity(_UniformLM(vocab), tok, q.load_texts("heldout")[:2], window=64)
+    assert ppl == pytest.approx(vocab)
 
 
 @pytest.mark.slow
@@ -191,13 +192,15 @@ def test_server_round_trip_stream_and_concurrency_with_the_openai_client():
     from course_utils import serving
 
     with serving.serve("smollm2-135m-instruct", port=serving.free_port(),
-                       extra_args=["--continuous-batching"]) as server:
+                       extra_args=q.CPU_BATCHING_ARGS) as server:
         client = serving.client(server)
         messages = [{"role": "user", "content": "Name a colour."}]
         chunks = [c.choices[0].delta.content for c in client.chat.completions.create(
             model=server.model, messages=messages, max_tokens=6, temperature=0, stream=True)
             if c.choices and c.choices[0].delta.content]
-        full = client.chat.completions.create(model=server.model, messages=messages, max_tokens=6, temperature=0)
+        full = client.chat.completions.create(model=server.model, messages=messages, max_tokens=6,
+                                              temperature=0)
         assert len(chunks) > 1 and "".join(chunks) == full.choices[0].message.content
-        res = q.benchmark_concurrency(client, server.model, ["Say hi.", "Say yes."], concurrency=2, max_tokens=4)
+        res = q.benchmark_concurrency(client, server.model, ["Say hi.", "Say yes."], concurrency=2,
+                                      max_tokens=4)
         assert res["requests"] == 2 and res["completion_tokens"] > 0 and res["throughput_tok_s"] > 0
