@@ -665,7 +665,7 @@ def _check_serve(answer) -> str:
     server = _field(answer, "server")
     if server.host not in LOOPBACK:
         raise Missing(f"the server listens on {server.host}: keep it on 127.0.0.1 (or use an api_key)")
-    if response.model not in (server.model, ""):
+    if server.model not in (response.model or server.model):  # transformers serve adds "@main"
         raise Missing(f"the response came from model {response.model!r}, not {server.model!r}")
     if not server.running:
         return f"{server.backend} server answered {text[:50]!r} (already stopped, not re-queried)"
