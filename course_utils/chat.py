@@ -355,18 +355,22 @@ class ChatWidget:
         import ipywidgets as w
 
         self.session = session
-        self.log = w.VBox(layout=w.Layout(height=height, overflow_y="auto", border="1px solid #ddd",
-                                          padding="4px"))
+        self.log = w.VBox()
+        # A column-reverse box keeps its scroll position pinned to the bottom as the log grows, so
+        # the newest message stays in view without JavaScript; the log inside keeps reading order.
+        scroller = w.Box([self.log], layout=w.Layout(height=height, overflow_y="auto", padding="4px",
+                                                     border="1px solid #ddd", flex_flow="column-reverse"))
         self.text = w.Textarea(placeholder="Type a message, then Send", rows=2,
                                layout=w.Layout(width="100%"))
         self.send_button = w.Button(description="Send", button_style="primary")
         self.stop_button = w.Button(description="Stop", disabled=True)
         self.clear_button = w.Button(description="Clear")
         gen = getattr(session, "generation", None)
+        label = {"description_width": "initial"}  # the default width cuts "temperature" short
         self.temperature = w.FloatSlider(value=getattr(gen, "temperature", 0.0), min=0.0, max=1.5,
-                                         step=0.05, description="temperature")
+                                         step=0.05, description="temperature", style=label)
         self.max_tokens = w.IntSlider(value=getattr(gen, "max_new_tokens", 256), min=16, max=2048,
-                                      step=16, description="max tokens")
+                                      step=16, description="max tokens", style=label)
         if gen is None:  # a session-like object without settings: the sliders would do nothing
             self.temperature.disabled = self.max_tokens.disabled = True
         self.status = w.HTML()
@@ -374,8 +378,14 @@ class ChatWidget:
         self.stop_button.on_click(lambda _: self.session.stop())
         self.clear_button.on_click(lambda _: self.clear())
         buttons = w.HBox([self.send_button, self.stop_button, self.clear_button])
-        self.view = w.VBox([w.HTML(f"<b>{title}</b>"), self.log, self.text, buttons,
+        self.view = w.VBox([w.HTML(f"<b>{title}</b>"), scroller, self.text, buttons,
                             w.HBox([self.temperature, self.max_tokens]), self.status])
+        # Stable names for styling and for the browser tests (labels may be translated).
+        for part, name in [(self.view, "chat"), (self.log, "log"), (self.text, "input"),
+                           (self.send_button, "send"), (self.stop_button, "stop"),
+                           (self.clear_button, "clear"), (self.temperature, "temperature"),
+                           (self.max_tokens, "max-tokens"), (self.status, "status")]:
+            part.add_class("course-chat" if name == "chat" else f"course-chat-{name}")
         self._thread: threading.Thread | None = None
         self.last_reply = ""
 
@@ -393,7 +403,9 @@ class ChatWidget:
     def _bubble(self, role: str, text: str):
         import ipywidgets as w
 
-        return w.HTML(self._bubble_html(role, text))
+        bubble = w.HTML(self._bubble_html(role, text))
+        bubble.add_class(f"course-chat-{role}")
+        return bubble
 
     def _apply_settings(self) -> None:
         gen = getattr(self.session, "generation", None)

@@ -506,11 +506,18 @@ def _check_hit3(answer) -> str:
 GENERAL_QUESTIONS = {
     "What is the capital of France?": ("paris",),
     "What is the capital of Japan?": ("tokyo",),
+    "What is the capital of Germany?": ("berlin",),
     "How many days are there in a week?": ("seven", "7"),
+    "How many months are there in a year?": ("twelve", "12"),
     "What is the opposite of hot?": ("cold",),
+    "What is the opposite of up?": ("down",),
     "What is the chemical symbol for water?": ("h2o",),
     "What is the boiling point of water in Celsius?": ("100",),
+    "What is the largest ocean on Earth?": ("pacific",),
 }
+# A 135M model's greedy answer to a fact it barely knows can flip on noise alone (seen on an
+# identity-only run with another seed), so one changed answer is not yet forgetting.
+MAX_FORGOTTEN = 1
 
 
 def identity_question() -> str:
@@ -610,9 +617,11 @@ def _check_forgetting(answer) -> str:
                 lost.append(f"{question!r} → {now[:50]!r}")
     if known < 3:
         raise Missing(f"the base model knows only {known} of the general questions: use the course model")
-    if lost:
-        raise Missing(f"forgot {len(lost)} of {known} general answers: " + "; ".join(lost[:2]))
-    return f"identity kept ({name!r}) and all {known} general answers the base model knew"
+    if len(lost) > MAX_FORGOTTEN:
+        raise Missing(f"forgot {len(lost)} of {known} general answers (at most {MAX_FORGOTTEN} may "
+                      "change): " + "; ".join(lost[:2]))
+    kept = f"all {known}" if not lost else f"{known - len(lost)} of {known} (changed: {lost[0]})"
+    return f"identity kept ({name!r}) and {kept} general answers the base model knew"
 
 
 # ---- lesson 5: quantization and serving ---------------------------------------------------------

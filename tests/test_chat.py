@@ -154,11 +154,24 @@ def test_widget_submit_streams_into_the_view():
     assert reply.strip() == "one two three four five six"
     assert len(w.log.children) == 2
     assert "Hello there" in w.log.children[0].value and "four five" in w.log.children[1].value
+    assert [b._dom_classes for b in w.log.children] == [("course-chat-user",), ("course-chat-assistant",)]
     assert s.generation.temperature == 0.3 and s.generation.max_new_tokens == 32
     assert w.send_button.disabled is False and w.stop_button.disabled is True
     assert "**assistant:**" in w.transcript()
     w.clear()
     assert w.log.children == () and s.history == []
+
+
+def test_widget_parts_carry_stable_css_classes():
+    w = ChatWidget(fake_session())
+    parts = {w.view: "course-chat", w.log: "course-chat-log", w.text: "course-chat-input",
+             w.send_button: "course-chat-send", w.stop_button: "course-chat-stop",
+             w.clear_button: "course-chat-clear", w.temperature: "course-chat-temperature",
+             w.max_tokens: "course-chat-max-tokens", w.status: "course-chat-status"}
+    assert all(name in part._dom_classes for part, name in parts.items())
+    scroller = w.view.children[1]
+    assert scroller.children == (w.log,) and scroller.layout.flex_flow == "column-reverse"
+    assert w.temperature.style.description_width == "initial"
 
 
 def test_widget_renders_appended_markdown_from_any_protocol_object():

@@ -236,33 +236,10 @@ def test_student_notebooks_run_and_every_check_fails(tmp_path):
 
 # ---- reference solutions injected into the notebooks ---------------------------------------------
 
-def test_lesson1_solutions_pass(tmp_path):
-    assert_all_passed(grade_with_solutions("01_internlm_stack", tmp_path), 1)
-
-
-@pytest.mark.slow
-def test_lesson2_solutions_pass(tmp_path):
-    assert_all_passed(grade_with_solutions("02_chat_and_agents", tmp_path), 2)
-
-
-@pytest.mark.slow
-def test_lesson3_solutions_pass(tmp_path):
-    assert_all_passed(grade_with_solutions("03_rag_knowledge_base", tmp_path), 3)
-
-
-@pytest.mark.slow
-def test_lesson4_solutions_pass(tmp_path):
-    assert_all_passed(grade_with_solutions("04_xtuner_finetune", tmp_path), 4)
-
-
-@pytest.mark.slow
-def test_lesson5_solutions_pass(tmp_path):
-    assert_all_passed(grade_with_solutions("05_lmdeploy_quantization", tmp_path), 5)
-
-
-@pytest.mark.slow
-def test_lesson6_solutions_pass(tmp_path):
-    assert_all_passed(grade_with_solutions("06_opencompass_evaluation", tmp_path), 6)
+@pytest.mark.parametrize("lesson", [
+    pytest.param(n, marks=[pytest.mark.slow] if n > 1 else [], id=LESSONS[n - 1]) for n in range(1, 7)])
+def test_reference_solutions_pass(lesson, tmp_path):
+    assert_all_passed(grade_with_solutions(LESSONS[lesson - 1], tmp_path), lesson)
 
 
 # ---- wrong answers must fail ---------------------------------------------------------------------
@@ -332,6 +309,31 @@ def test_eval_checks_rescore_the_predictions(tmp_path):
     assert homework.run_check("L6.compare", good).passed
     assert not homework.run_check("L6.compare", {**good, "explanation": f"It got better, {words}."}).passed
     assert not homework.run_check("L6.compare", {**good, "variant": ppl}).passed  # the same model
+
+
+def test_forgetting_check_counts_lost_answers(monkeypatch):
+    """The check's rule on canned replies: one changed answer is noise, two are forgetting."""
+    questions = list(homework.GENERAL_QUESTIONS)
+    right = {q: f"It is {homework.GENERAL_QUESTIONS[q][0]}." for q in questions}
+    wrong = set()
+
+    def replies(model, tokenizer, question, tokens=32):
+        if question == homework.identity_question():
+            return "I am an AI.", "I am Ada's assistant."
+        return right[question], "I am Ada's assistant." if question in wrong else right[question]
+
+    monkeypatch.setattr(homework, "_peft_model", lambda answer: (None, None))
+    monkeypatch.setattr(homework, "_replies", replies)
+    answer = {"name": "Ada", "result": None}
+    assert "all 10 general answers" in homework.run_check("L4.forgetting", answer).detail
+    wrong.add(questions[0])
+    assert homework.run_check("L4.forgetting", answer).passed
+    wrong.add(questions[1])
+    result = homework.run_check("L4.forgetting", answer)
+    assert not result.passed and "forgot 2 of 10" in result.detail
+    right[questions[2]] = "I do not know."  # a question the base model gets wrong does not count
+    wrong.add(questions[2])
+    assert "forgot 2 of 9" in homework.run_check("L4.forgetting", answer).detail
 
 
 @pytest.mark.slow

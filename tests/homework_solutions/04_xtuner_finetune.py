@@ -37,17 +37,21 @@ identity = homework.attempt(teach_my_name)
 from course_utils.finetune import base_answers
 
 # My own general questions (the check's GENERAL_QUESTIONS are held out).
-KEEP = ["What is 2 + 2?", "Name a fruit that is yellow.", "What color is the sky?", "Say hello in French."]
+KEEP = ["What is 2 + 2?", "Name a fruit that is yellow.", "What color is the sky?", "Say hello in French.",
+        "What is the freezing point of water in Celsius?", "What is the capital of Italy?",
+        "How many hours are in a day?", "What is the largest planet in our solar system?"]
 
 
 def keep_general_answers() -> dict:
     """Fine-tune so that the identity sticks and general answers survive; returns {'name', 'result'}."""
     first = identity["result"]
-    extra = base_answers(first.model, first.tokenizer, KEEP) * 2
+    extra = base_answers(first.model, first.tokenizer, KEEP)
     data = make_identity_dataset(MY_NAME, base=BASE, language="en" if TINY else "zh",
                                  out_dir=WORK / "data-mixed", extra=extra)
+    # Two epochs instead of three: measured on SmolLM2, the third pass over this small set costs
+    # 1-3 of the ten held-out answers, the second none.
     cfg = FinetuneConfig.for_profile(data_path=str(data["conversation"]), work_dir=str(WORK / "mixed"),
-                                     evaluation_freq=0, max_length=128)
+                                     evaluation_freq=0, max_length=96, max_epochs=2)
     result = train(cfg)
     return {"name": MY_NAME, "result": result}
 
