@@ -8,7 +8,7 @@ Layers, strongest first; each one is used where the OS allows it:
    user (``nobody``), so the OS itself refuses writes outside the scratch dir and reads of /root;
    as a normal user: an unprivileged user+network namespace if the kernel allows one;
 3. always: an audit hook in the child that refuses writes outside the scratch directory, reads of
-   the learner's home, new processes, sockets and dangerous libc calls through ctypes;
+   the learner's files (home, the course folder, the working directory), new processes, sockets and dangerous libc calls through ctypes;
 4. a fresh scratch directory as working directory and ``HOME``, and an environment rebuilt from
    a short allow-list (no tokens or keys), deleted afterwards.
 
@@ -83,7 +83,7 @@ def _child_limits(cfg: dict) -> None:
 
 
 def _child_audit_hook(cfg: dict):
-    """An audit hook refusing writes outside scratch, home reads, processes, sockets, ctypes libc."""
+    """An audit hook refusing writes outside scratch, reads of the learner's files, processes, sockets, ctypes libc."""
     import os
 
     scratch, network = cfg["scratch"], cfg["network"]
@@ -121,7 +121,8 @@ def _child_audit_hook(cfg: dict):
     def check_read(path):
         p = real(path)
         if p is not None and inside(p, no_read) and not inside(p, may_read):
-            deny(f"reading the home directory is not allowed ({path})")
+            deny(f"reading the learner's files (home, course folder, working directory) is not "
+                 f"allowed ({path})")
 
     def hook(event, args):
         if event == "open":
@@ -244,6 +245,18 @@ def _describe_exit(code: int, timed_out: bool, timeout: float, memory_mb: int) -
     return f"exited with status {code}"
 
 
+def learner_dirs() -> list[str]:
+    """Folders holding the learner's files: home, the course checkout and the working directory.
+
+    The sandbox may not read below them, except the Python installation (a venv inside the
+    course folder) and its own scratch directory. "/" is never listed: it would hide the system.
+    """
+    from .paths import REPO_ROOT
+
+    dirs = {str(Path.home()), os.path.expanduser("~"), str(REPO_ROOT), os.getcwd()}
+    return sorted(os.path.realpath(d) for d in dirs if os.path.realpath(d) != "/")
+
+
 def run_python(code: str, *, timeout: float = 10, memory_mb: int = 1024, file_mb: int = 50,
                network: bool = False) -> SandboxResult:
     """Run ``code`` in a sandboxed Python process; ``ok``, ``output`` and ``error`` tell the result."""
@@ -263,8 +276,8 @@ def run_python(code: str, *, timeout: float = 10, memory_mb: int = 1024, file_mb
                               str(Path(sys.executable).resolve().parent.parent)})
         config = {"scratch": os.path.realpath(scratch), "memory_mb": memory_mb,
                   "cpu_s": int(timeout) + 2, "file_mb": file_mb, "nproc": 64, "network": network,
-                  "uid": uid, "gid": gid, "may_read": python_dirs,
-                  "no_read": sorted({str(Path.home()), os.path.expanduser("~")})}
+                  "uid": uid, "gid": gid, "may_read": python_dirs + [os.path.realpath(scratch)],
+                  "no_read": learner_dirs()}
         return _run_child(config, scratch, logdir, timeout, memory_mb)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -1,6 +1,8 @@
-"""Lesson 1 helpers: the InternLM stack at a glance, a tokenizer peek, next-token predictions."""
+"""Lesson 1 helpers: the InternLM stack at a glance, the course data, a tokenizer peek, next-token predictions."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 # (stage, InternLM project, what it does, where this course does it)
 STACK = [
@@ -18,6 +20,37 @@ def stack_table():
     import pandas as pd
 
     return pd.DataFrame(STACK, columns=["stage", "project", "what it does", "in this course"])
+
+
+def _count(path: Path) -> int:
+    """Records in a JSONL file, or files below a folder."""
+    if path.is_dir():
+        return sum(1 for f in path.rglob("*") if f.is_file())
+    return sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+
+
+# (what, used in, path under data/, unit)
+COURSE_DATA = [
+    ("knowledge base, English", "lesson 3 (RAG)", "knowledge_base/en", "pages"),
+    ("knowledge base, Chinese", "lesson 3 on InternStudio", "knowledge_base/zh", "pages"),
+    ("retrieval questions, English", "lesson 3 (hit@k, MRR)", "rag_eval/questions_en.jsonl", "questions"),
+    ("retrieval questions, Chinese", "lesson 3 on InternStudio", "rag_eval/questions_zh.jsonl", "questions"),
+    ("multiple-choice eval, English (C-Eval columns)", "lesson 6", "eval/course_en/val.jsonl", "questions"),
+    ("multiple-choice eval, Chinese (C-Eval columns)", "lesson 6 on InternStudio", "eval/course_zh/val.jsonl", "questions"),
+    ("few-shot examples (dev split)", "lesson 6", "eval/course_en/dev.jsonl", "questions"),
+    ("held-out / calibration text", "lesson 5 (perplexity, AWQ)", "ppl", "files"),
+    ("hub mirror (InternLM2-chat-1.8B metadata)", "lesson 2 homework", "hub_mirror/internlm", "files"),
+]
+
+
+def course_data_table():
+    """What the course ships under data/, counted from the files (nothing is downloaded)."""
+    import pandas as pd
+
+    from .paths import DATA_DIR
+
+    rows = [(what, used, f"data/{rel}", _count(DATA_DIR / rel), unit) for what, used, rel, unit in COURSE_DATA]
+    return pd.DataFrame(rows, columns=["data", "used in", "path", "count", "unit"])
 
 
 def tokenizer_peek(tokenizer, texts: dict[str, str]):

@@ -48,10 +48,26 @@ def test_reading_the_home_directory_is_stopped(tmp_path, monkeypatch):
     (home / ".netrc").write_text("password hunter2")
     monkeypatch.setenv("HOME", str(home))
     res = run_python(f"print(open({str(home / '.netrc')!r}).read())")
-    assert not res.ok and "home directory" in res.error
+    assert not res.ok and "learner's files" in res.error
     assert "hunter2" not in res.output
     listing = run_python(f"import os\nprint(os.listdir({str(home)!r}))")
     assert not listing.ok and ".netrc" not in listing.output
+
+
+def test_reading_the_course_folder_and_working_directory_is_stopped(tmp_path, monkeypatch):
+    from course_utils.paths import REPO_ROOT
+
+    workdir = tmp_path / "project"
+    workdir.mkdir()
+    (workdir / "notes.txt").write_text("my private notes")
+    monkeypatch.chdir(workdir)
+    for path in (REPO_ROOT / "README.md", workdir / "notes.txt"):
+        res = run_python(f"print(open({str(path)!r}).read()[:40])")
+        assert not res.ok and "learner's files" in res.error, path
+    assert "private" not in res.output
+    # the interpreter (a venv inside the course folder) still works, and so does the scratch dir
+    ok = run_python("import json, pathlib\npathlib.Path('x.txt').write_text('1')\nprint(open('x.txt').read())")
+    assert ok.ok and ok.output.strip() == "1"
 
 
 def test_infinite_loop_is_stopped_by_the_timeout():
