@@ -178,6 +178,19 @@ def _commit_sha(repo_dir: Path) -> str:
 _API = re.compile(r"^/api/(models|datasets)/(.+?)/(revision|tree)/([^/]+)(?:/(.*))?$")
 
 
+def send_json(handler: BaseHTTPRequestHandler, payload, status: int = 200, headers: dict | None = None) -> None:
+    """Answer an HTTP request with ``payload`` as JSON (no body for HEAD requests)."""
+    body = json.dumps(payload).encode()
+    handler.send_response(status)
+    for name, value in (headers or {}).items():
+        handler.send_header(name, value)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    if handler.command != "HEAD":
+        handler.wfile.write(body)
+
+
 class _MirrorHandler(BaseHTTPRequestHandler):
     root: Path
     requests: list
@@ -190,23 +203,11 @@ class _MirrorHandler(BaseHTTPRequestHandler):
         return folder if ".." not in repo_id and folder.is_dir() else None
 
     def _error(self, status: int, code: str, message: str) -> None:
-        body = json.dumps({"error": message}).encode()
-        self.send_response(status)
-        self.send_header("X-Error-Code", code)  # huggingface_hub maps it to RepoNotFound etc.
-        self.send_header("X-Error-Message", message)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+        # huggingface_hub maps X-Error-Code to RepoNotFound etc.
+        send_json(self, {"error": message}, status, {"X-Error-Code": code, "X-Error-Message": message})
 
     def _json(self, payload) -> None:
-        body = json.dumps(payload).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        send_json(self, payload)
 
     def do_HEAD(self):
         self.do_GET()

@@ -18,6 +18,7 @@ from course_utils.eval_data import (OPTIONS, build_messages, export_opencompass_
                                     list_datasets, load_dataset, parse_range, render_plain)
 from course_utils.evaluate import (EndpointLM, LocalLM, disagreements, evaluate, load_predictions,
                                    summarize, summary_table)
+from course_utils.hub import send_json
 
 
 # ---- data --------------------------------------------------------------------------------------
@@ -325,12 +326,7 @@ class _Stub(BaseHTTPRequestHandler):
         pass
 
     def _send(self, payload):
-        body = json.dumps(payload).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        send_json(self, payload)
 
     def do_GET(self):
         self._send({"object": "list", "data": [{"id": "stub-model", "object": "model", "created": 0,
