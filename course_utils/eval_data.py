@@ -238,13 +238,12 @@ OC_BENCHMARKS = ("ceval", "cmmlu", "mmlu")  # each has <name>_gen / <name>_ppl c
 INTERNSTUDIO_ROOT = "/share/new_models"
 CONFIG_HEADER = '''\
 # OpenCompass config written by course_utils.evaluate.export_opencompass_config.
-# Run it on InternStudio (CUDA), in an environment with OpenCompass (it pins its own libraries):
-#   conda create -n opencompass python=3.10 -y && conda activate opencompass
-#   git clone https://github.com/open-compass/opencompass && cd opencompass && pip install -e .
+# Run it from the course folder, in the InternStudio env (OpenCompass {version} is in requirements/gpu.txt):
+#   {command}
+# --debug runs the tasks one after another and prints their logs; results land in work_dir, and
+# OpenCompass keeps scratch files in ./tmp. Built-in benchmarks (ceval, cmmlu, mmlu) read ./data:
 #   cp /share/temp/datasets/OpenCompassData-core-20231110.zip . && unzip OpenCompassData-core-20231110.zip
-#   {command}    (in the opencompass folder, with this file copied there)
-# --debug runs the tasks one after another and prints their logs; results land in work_dir.
-# Course datasets are read from data_root, relative to where you run it: copy this repo's data/eval there.
+# Course datasets are read from data_root ({data_root}), relative to where you run it.
 '''
 
 
@@ -256,27 +255,46 @@ def _py(value) -> str:
     return repr(value)
 
 
-def _oc_model(model, index: int, served_model: str) -> tuple[str | None, str]:
+def _oc_path(name: str) -> str:
+    """Where OpenCompass should load a registry model: the share copy found here, else /share's path."""
+    from .models import REGISTRY, locate
+
+    place, folder = locate(name)
+    return str(folder) if place == "share" else f"{INTERNSTUDIO_ROOT}/{REGISTRY[name].share_path}"
+
+
+def _oc_model(model, index: int, mode: str, served_model: str, num_gpus: int) -> tuple[str | None, str]:
     """(read_base import line or None, Python expression for a list of model dicts)."""
-    from .models import REGISTRY
+    from .models import REGISTRY, locate
 
     name = str(model)
-    if name in OC_MODEL_CONFIGS:
-        var = f"{OC_MODEL_CONFIGS[name]}_model"
-        line = f"from opencompass.configs.models.hf_internlm.{OC_MODEL_CONFIGS[name]} import models as {var}"
-        share = REGISTRY[name].share_path
-        expr = (f"[dict(m, path={_py(f'{INTERNSTUDIO_ROOT}/{share}')}) for m in {var}]" if share else var)
-        return line, expr
+    # OpenCompass's HF classes read AutoConfig without trust_remote_code and then fall back to fp16
+    # (after a 15 s prompt); an explicit dtype skips that. fp32 on a CPU, bf16 on a GPU.
+    run = {"model_kwargs": {"torch_dtype": "bfloat16" if num_gpus else "float32"},
+           "run_cfg": {"num_gpus": num_gpus}}
     if name.startswith(("http://", "https://")):
+        if mode == "ppl":
+            raise CourseError("An endpoint can only be evaluated in gen mode: OpenCompass's API models "
+                              "have no ppl (BaseAPIModel.get_ppl raises NotImplementedError). Use "
+                              "mode='gen', or pass the model folder for ppl.")
         spec = {"type": "OpenAISDK", "abbr": f"api-{served_model}", "path": served_model, "key": "EMPTY",
                 "openai_api_base": name if name.rstrip("/").endswith("/v1") else name.rstrip("/") + "/v1",
                 "meta_template": {"round": [{"role": "HUMAN", "api_role": "HUMAN"},
                                             {"role": "BOT", "api_role": "BOT", "generate": True}]},
                 "max_out_len": 256, "batch_size": 8, "temperature": 0.0}
+        if served_model in REGISTRY and locate(served_model)[1] is not None:
+            spec["tokenizer_path"] = str(locate(served_model)[1])  # else tiktoken downloads gpt-4's
         return None, f"[{_py(spec)}]"
-    path = REGISTRY[name].hf_id if name in REGISTRY else name
-    spec = {"type": "HuggingFacewithChatTemplate", "abbr": Path(name).name or f"model{index}", "path": path,
-            "max_out_len": 256, "batch_size": 8, "run_cfg": {"num_gpus": 1}}
+    if name in OC_MODEL_CONFIGS and mode == "gen":  # OpenCompass's own chat config, pointed at /share
+        var = f"{OC_MODEL_CONFIGS[name]}_model"
+        line = f"from opencompass.configs.models.hf_internlm.{OC_MODEL_CONFIGS[name]} import models as {var}"
+        settings = ", ".join(f"{k}={_py(v)}" for k, v in {"path": _oc_path(name), **run}.items())
+        return line, f"[dict(m, {settings}) for m in {var}]"
+    # ppl scores each option with the plain model: only HuggingFaceBaseModel has get_ppl.
+    path = _oc_path(name) if name in OC_MODEL_CONFIGS else REGISTRY[name].hf_id if name in REGISTRY else name
+    spec = {"type": "HuggingFaceBaseModel" if mode == "ppl" else "HuggingFacewithChatTemplate",
+            "abbr": name if name in REGISTRY else Path(name).name or f"model{index}", "path": path,
+            "max_out_len": 256, "batch_size": 8, **run}
     return None, f"[{_py(spec)}]"
 
 
@@ -296,15 +314,23 @@ def _oc_dataset(dataset: str, mode: str, test_range, data_root: str) -> tuple[st
     return None, f"[{_py(spec)}]"
 
 
+def _default_gpus() -> int:
+    import torch
+
+    return 1 if torch.cuda.is_available() else 0
+
+
 def export_opencompass_config(models, datasets, path, *, mode: str = "gen", test_range: str | None = None,
                               work_dir: str = "./outputs/course_eval", data_root: str = "data/eval",
-                              served_model: str = "internlm2_5-1_8b-chat") -> str:
+                              served_model: str = "internlm2_5-1_8b-chat", num_gpus: int | None = None) -> str:
     """Write a real OpenCompass config evaluating ``models`` on ``datasets``; returns the command to run it.
 
-    ``models``: registry names (InternLM ones import OpenCompass's own configs, pointed at the
-    InternStudio copies), folders (``HuggingFacewithChatTemplate``) or endpoint URLs (``OpenAISDK``).
-    ``datasets``: "ceval", "cmmlu", "mmlu" (``<name>_gen``/``<name>_ppl`` configs) or course sets from
-    ``data/eval/`` (custom mcq datasets). ``test_range`` (e.g. "[0:20]") goes into every reader_cfg.
+    ``models``: registry names (InternLM ones import OpenCompass's own configs in gen mode, pointed
+    at the InternStudio copies), folders (``HuggingFacewithChatTemplate``; ``HuggingFaceBaseModel``
+    for ppl) or endpoint URLs (``OpenAISDK``, gen only). ``datasets``: "ceval", "cmmlu", "mmlu"
+    (``<name>_gen``/``<name>_ppl`` configs) or course sets from ``data/eval/`` (custom mcq datasets).
+    ``test_range`` (e.g. "[0:20]") goes into every reader_cfg. ``num_gpus`` per model: 1 on a CUDA
+    machine, 0 (the CPU) otherwise.
     """
     if mode not in ("gen", "ppl"):
         raise CourseError(f"mode={mode!r}: OpenCompass configs exist for 'gen' and 'ppl'.")
@@ -314,15 +340,16 @@ def export_opencompass_config(models, datasets, path, *, mode: str = "gen", test
         datasets = [datasets]
     if test_range is not None:
         parse_range(test_range, 0)  # the same syntax check OpenCompass would fail on later
+    num_gpus = _default_gpus() if num_gpus is None else num_gpus
     path = Path(path)
     try:  # inside the repo, name the config by its repo-relative path (no home folders in outputs)
         shown = path.resolve().relative_to(REPO_ROOT)
     except ValueError:
         shown = path
-    command = f"python run.py {shown} --debug"
+    command = f"opencompass {shown} --debug"
     imports, model_exprs, data_exprs, ranged = [], [], [], []
     for i, model in enumerate(models):
-        line, expr = _oc_model(model, i, served_model)
+        line, expr = _oc_model(model, i, mode, served_model, num_gpus)
         imports += [line] if line else []
         model_exprs.append(expr)
     for dataset in datasets:
@@ -330,12 +357,19 @@ def export_opencompass_config(models, datasets, path, *, mode: str = "gen", test
         imports += [line] if line else []
         data_exprs.append(expr)
         ranged += [expr] if line and test_range is not None else []
-    lines = [CONFIG_HEADER.format(command=command),
-             "from mmengine.config import read_base",
-             "from opencompass.models import HuggingFacewithChatTemplate, OpenAISDK", "",
-             "with read_base():", *(f"    {line}" for line in imports or ["pass"]), "",
-             f"datasets = [{', '.join(f'*{e}' for e in data_exprs)}]",
-             f"models = [{', '.join(f'*{e}' for e in model_exprs)}]"]
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        oc_version = version("opencompass")
+    except PackageNotFoundError:
+        oc_version = "0.5.4"
+    lines = [CONFIG_HEADER.format(command=command, version=oc_version, data_root=data_root),
+             "from opencompass.models import HuggingFaceBaseModel, HuggingFacewithChatTemplate, OpenAISDK"]
+    if imports:  # mmengine refuses a read_base() block that imports nothing
+        lines += ["from mmengine.config import read_base", "", "with read_base():",
+                  *(f"    {line}" for line in imports)]
+    lines += ["", f"datasets = [{', '.join(f'*{e}' for e in data_exprs)}]",
+              f"models = [{', '.join(f'*{e}' for e in model_exprs)}]"]
     if ranged:
         lines += ["", "# Evaluate a slice of each benchmark (OpenCompass's test_range), as the lesson does.",
                   f"for _d in [{', '.join(f'*{e}' for e in ranged)}]:",

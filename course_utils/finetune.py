@@ -255,12 +255,14 @@ def _training_args(cfg: FinetuneConfig, work: Path):
     import torch
     from transformers import TrainingArguments
 
+    from .compat import warmup_kwargs
+
     cuda = torch.cuda.is_available()
     return TrainingArguments(
         output_dir=str(work), per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.accumulative_counts, num_train_epochs=cfg.max_epochs,
         max_steps=cfg.max_steps or -1, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_norm, warmup_steps=cfg.warmup_ratio, lr_scheduler_type="cosine",
+        max_grad_norm=cfg.max_norm, lr_scheduler_type="cosine", **warmup_kwargs(cfg.warmup_ratio),
         logging_steps=1, save_strategy="steps", save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit, seed=cfg.seed, data_seed=cfg.seed,
         bf16=cuda and torch.cuda.is_bf16_supported(), use_cpu=not cuda, optim="adamw_torch",
@@ -463,14 +465,46 @@ def _xtuner_model_path(name: str | None) -> str:
     return str(folder) if place == "share" else REGISTRY[name].hf_id
 
 
-def export_xtuner_config(cfg: FinetuneConfig, path: str | Path) -> Path:
-    """Write a real XTuner config for the same run (``xtuner train PATH --deepspeed ...``)."""
+# The linear layers peft's "all-linear" adapts, by model type: XTuner's own search would also adapt
+# InternLM2's output head (it skips only lm_head), so the exported run would differ from the course's.
+ALL_LINEAR = {"internlm2": ["wqkv", "wo", "w1", "w2", "w3"],
+              "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+# CPU only: XTuner 0.2 asks torch.cpu.is_bf16_supported() (xtuner/model/sft.py), which torch 2.5
+# lacks; mmengine reads this config with lazy imports, so the patch must reach the real torch.
+CPU_PATCH = ("# CPU only: XTuner 0.2.0 calls torch.cpu.is_bf16_supported(), which torch 2.5 does not have.\n"
+             "setattr(__import__('torch').cpu, 'is_bf16_supported', lambda: False)\n")
+
+
+def _lora_targets(cfg: FinetuneConfig, model_path: str):
+    if cfg.lora_targets != "all-linear":
+        return repr(list(cfg.lora_targets))
+    config = Path(model_path) / "config.json"
+    model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    return repr(ALL_LINEAR[model_type]) if model_type in ALL_LINEAR else None
+
+
+def export_xtuner_config(cfg: FinetuneConfig, path: str | Path, *, device: str | None = None) -> Path:
+    """Write a real XTuner config for the same run (``xtuner train PATH``).
+
+    ``device``: "cuda" (AMP fp16, as the bootcamp runs it) or "cpu" (fp32; XTuner's AMP wrapper
+    needs a GPU); default: this machine's.
+    """
     from string import Template
 
     from .paths import DATA_DIR
 
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cuda", "cpu"):
+        raise CourseError(f"device={device!r}: use 'cuda' or 'cpu'.")
+    if device == "cpu" and cfg.quantization:
+        raise CourseError("QLoRA (quantization='4bit') in XTuner needs a CUDA GPU: bitsandbytes 0.45 "
+                          "(XTuner's pin) quantizes on CUDA only. Export with quantization=None for the CPU.")
     path = Path(path)
     _, data = _paths(cfg)
+    model_path = _xtuner_model_path(cfg.model)
     per_step = cfg.accumulative_counts  # XTuner iterations are batches, not optimizer steps
     bnb = ("dict(type=BitsAndBytesConfig, load_in_4bit=True, load_in_8bit=False, "
            "llm_int8_threshold=6.0, llm_int8_has_fp16_weight=False, "
@@ -478,9 +512,10 @@ def export_xtuner_config(cfg: FinetuneConfig, path: str | Path) -> Path:
            "bnb_4bit_quant_type='nf4')")
     messages = data.suffix == ".jsonl" and '"messages"' in data.read_text(encoding="utf-8")[:2000]
     values = dict(
-        config_name=path.name, run_name=path.stem, model_path=repr(_xtuner_model_path(cfg.model)),
-        data_path=repr(str(data.resolve())), data_format="OpenAI messages" if messages else
-        "XTuner conversation", dataset_map_fn="openai_map_fn" if messages else "None",
+        config_name=path.name, run_name=path.stem, device=device, model_path=repr(model_path),
+        model_path_plain=model_path, data_path=repr(str(data.resolve())),
+        data_format="OpenAI messages" if messages else "XTuner conversation",
+        dataset_map_fn="openai_map_fn" if messages else "None",
         max_length=cfg.max_length, pack_to_max_length=cfg.pack_to_max_length,
         batch_size=cfg.batch_size, accumulative_counts=cfg.accumulative_counts,
         max_epochs=cfg.max_epochs, max_iters=cfg.max_steps and cfg.max_steps * per_step,
@@ -488,12 +523,16 @@ def export_xtuner_config(cfg: FinetuneConfig, path: str | Path) -> Path:
         warmup_ratio=cfg.warmup_ratio, save_iters=cfg.save_steps * per_step,
         save_total_limit=cfg.save_total_limit,
         evaluation_iters=max(cfg.evaluation_freq, 1) * per_step,
+        eval_max_new_tokens=cfg.eval_max_new_tokens,
         system=repr(cfg.system_prompt or ""),
         evaluation_inputs=repr(list(cfg.evaluation_inputs)),
         quantization_config=bnb if cfg.quantization == "4bit" else "None",
         lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-        target_modules=None if cfg.lora_targets == "all-linear" else repr(list(cfg.lora_targets)),
+        target_modules=_lora_targets(cfg, model_path), gradient_checkpointing=cfg.gradient_checkpointing,
         seed=cfg.seed,
+        optim_wrapper="AmpOptimWrapper" if device == "cuda" else "OptimWrapper",
+        amp=",\n    loss_scale='dynamic',\n    dtype='float16'" if device == "cuda" else "",
+        cpu_patch=CPU_PATCH if device == "cpu" else "",
     )
     template = Template((DATA_DIR / "finetune" / "xtuner_config.py.tmpl").read_text())
     text = template.substitute(values)

@@ -3,7 +3,7 @@
 During generation every layer keeps the keys and values of all earlier tokens; for long contexts
 and many parallel requests this cache, not the weights, fills the GPU. LMDeploy's
 ``quant_policy=8`` (int8) and ``quant_policy=4`` (int4) store it quantized asymmetrically with
-one scale and zero point per head and per token. :class:`QuantizedKVLayer` does the same in plain
+one scale and zero point per head and per token. :class:`QuantizedKVStore` does the same in plain
 torch: it quantizes on write and hands attention the de-quantized keys and values, so the error
 shows up in perplexity and the saving in :func:`cache_bytes`.
 """
@@ -49,70 +49,54 @@ def dequantize_per_token(codes, scale, zero, bits: int = 8, dtype=None):
     return (codes.to(dtype) - zero.to(dtype)) * scale.to(dtype)
 
 
-def _build_layer():
-    """Define the cache layer on first use, so importing this module does not import transformers."""
-    import torch
-    from transformers.cache_utils import DynamicLayer
+class QuantizedKVStore:
+    """One decoder layer's K/V, stored as int8/int4 codes + fp16 scale/zero per head and token.
 
-    class QuantizedKVLayer(DynamicLayer):
-        """One decoder layer's cache, stored as int8/int4 codes + fp16 scale/zero per head and token."""
+    ``update`` quantizes the new tokens and hands attention the de-quantized history, including
+    this step's own tokens. :func:`course_utils.compat.store_cache` turns a list of these into a
+    transformers cache on either major.
+    """
 
-        def __init__(self, bits: int = 8):
-            super().__init__()
-            self.bits = bits
-            self.stored: dict[str, list] = {"k": [], "v": []}  # chunks of (codes, scale, zero)
-            self.length = 0
+    def __init__(self, bits: int = 8):
+        self.bits = bits
+        self.stored: dict[str, list] = {"k": [], "v": []}  # chunks of (codes, scale, zero)
+        self.length = 0
+        self.dtype = None
 
-        def _read(self, which: str):
-            parts = [torch.cat(p, dim=-2) for p in zip(*self.stored[which])]  # along tokens
-            return dequantize_per_token(*parts, bits=self.bits, dtype=self.dtype)
+    def _read(self, which: str):
+        import torch
 
-        def update(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            self.stored["k"].append(quantize_per_token(key_states, self.bits))
-            self.stored["v"].append(quantize_per_token(value_states, self.bits))
-            self.length += key_states.shape[-2]
-            # Attention reads de-quantized K/V, including this step's own tokens.
-            return self._read("k"), self._read("v")
+        parts = [torch.cat(p, dim=-2) for p in zip(*self.stored[which])]  # along tokens
+        return dequantize_per_token(*parts, bits=self.bits, dtype=self.dtype)
 
-        def get_seq_length(self) -> int:
-            return self.length
+    def update(self, key_states, value_states):
+        self.dtype = key_states.dtype
+        self.stored["k"].append(quantize_per_token(key_states, self.bits))
+        self.stored["v"].append(quantize_per_token(value_states, self.bits))
+        self.length += key_states.shape[-2]
+        return self._read("k"), self._read("v")
 
-        def reset(self) -> None:
-            super().reset()
-            self.stored, self.length = {"k": [], "v": []}, 0
+    def get_seq_length(self) -> int:
+        return self.length
 
-        def tensors(self) -> list:
-            """Every tensor this layer keeps, for memory accounting."""
-            return [t for which in ("k", "v") for chunk in self.stored[which] for t in chunk]
+    def reset(self) -> None:
+        self.stored, self.length = {"k": [], "v": []}, 0
 
-    return QuantizedKVLayer
-
-
-_LAYER = None
-
-
-def __getattr__(name):  # QuantizedKVLayer is built on first use so transformers loads lazily
-    global _LAYER
-    if name == "QuantizedKVLayer":
-        _LAYER = _LAYER or _build_layer()
-        return _LAYER
-    raise AttributeError(name)
+    def tensors(self) -> list:
+        """Every tensor this layer keeps, for memory accounting."""
+        return [t for which in ("k", "v") for chunk in self.stored[which] for t in chunk]
 
 
 def make_cache(kind: str, config):
     """An empty cache for one generation: fp32/bf16 (plain), int8/int4 (ours), quanto-int4 (transformers)."""
-    from transformers.cache_utils import Cache, DynamicCache, QuantizedCache
-
-    import course_utils.kvcache as kv
+    from . import compat
 
     if kind in ("fp32", "bf16"):
-        return DynamicCache(config=config)
+        return compat.dynamic_cache(config)
     if kind in ("int8", "int4"):
-        return Cache(layers=[kv.QuantizedKVLayer(int(kind[3:])) for _ in range(config.num_hidden_layers)])
+        return compat.store_cache([QuantizedKVStore(int(kind[3:])) for _ in range(config.num_hidden_layers)])
     if kind == "quanto-int4":  # KIVI-style: a 128-token full-precision window, then 4-bit groups
-        return QuantizedCache(backend="quanto", config=config, nbits=4)
+        return compat.quanto_cache(config, nbits=4)
     raise CourseError(f"Unknown KV cache kind {kind!r}; use one of {', '.join(KINDS)}.")
 
 
@@ -132,13 +116,9 @@ def _tensor_bytes(t) -> int:
 
 def cache_bytes(cache) -> int:
     """Bytes the cache really holds: codes, scales, zeros, and any full-precision part."""
-    total = 0
-    for layer in cache.layers:
-        tensors = layer.tensors() if hasattr(layer, "tensors") else []
-        tensors += [getattr(layer, a, None)
-                    for a in ("keys", "values", "_quantized_keys", "_quantized_values")]
-        total += sum(_tensor_bytes(t) for t in tensors if t is not None)
-    return total
+    from .compat import cache_layer_tensors
+
+    return sum(_tensor_bytes(t) for layer in cache_layer_tensors(cache) for t in layer if t is not None)
 
 
 def kv_bytes(config, tokens: int, bits: int = 16, batch: int = 1) -> int:

@@ -1,11 +1,12 @@
 """LMDeploy on a CUDA GPU: W4A16 with ``lmdeploy lite auto_awq`` on local calibration text, and
 the engine settings (``quant_policy``, ``cache_max_entry_count``, ``tp``) of ``pipeline``.
 
-Every argument is built and checked by a pure function, unit-tested on any machine. The few
-functions that run LMDeploy check for a CUDA GPU first and raise :class:`CourseError` without one
-(LMDeploy has no CPU backend).
+Written for the pinned LMDeploy (0.10.2, requirements/gpu.txt). Every argument is built and
+checked by a pure function; the CI simulation stage parses each command line with LMDeploy's own
+parser and runs :func:`run_auto_awq` for real on a CPU (LMDeploy's ``lite`` is plain PyTorch; its
+engines, TurboMind and the PyTorch backend, need a CUDA GPU and raise :class:`CourseError` here).
 
-Why a local calibration file: ``auto_awq --calib-dataset ptb|wikitext2|c4|pileval`` downloads
+Why a local calibration file: ``auto_awq --calib-dataset wikitext2|ptb|c4|pileval`` downloads
 the data set from the Hugging Face hub at run time, which fails on an offline or firewalled
 machine (a common InternStudio failure). :func:`run_auto_awq` feeds LMDeploy's own AWQ code
 blocks cut from a local text file instead.
@@ -23,6 +24,8 @@ from .paths import DATA_DIR
 
 QUANT_POLICIES = {0: "fp16/bf16 KV cache", 8: "int8 KV cache", 4: "int4 KV cache"}
 MODEL_FORMATS = (None, "hf", "awq", "gptq")
+# The hub data set `lmdeploy lite auto_awq` downloads; a name its calibrate() accepts (0.10 to 0.18).
+ONLINE_CALIB = "wikitext2"
 
 
 @dataclass
@@ -37,6 +40,7 @@ class AwqJob:
     batch_size: int = 1  # calibration batch; lower it if the GPU runs out of memory
     search_scale: bool = False  # True: search AWQ ratios (slower); False: LMDeploy's fixed smoothing
     dtype: str = "auto"  # float16, bfloat16 or auto (from the checkpoint)
+    device: str = "cuda"  # "cpu" works too (LMDeploy's lite is PyTorch), at CPU speed
 
 
 def check_job(job: AwqJob) -> AwqJob:
@@ -52,16 +56,19 @@ def check_job(job: AwqJob) -> AwqJob:
                           "calib_file= a UTF-8 text file (data/ppl/calib.txt ships with the course).")
     if job.dtype not in ("auto", "float16", "bfloat16"):
         raise CourseError(f"dtype={job.dtype!r}: use 'auto', 'float16' or 'bfloat16'.")
+    if job.device not in ("cuda", "cpu"):
+        raise CourseError(f"device={job.device!r}: use 'cuda' or 'cpu'.")
     return job
 
 
 def auto_awq_cli(job: AwqJob) -> list[str]:
-    """The plain ``lmdeploy lite auto_awq`` command (downloads ``ptb`` from the hub: online only)."""
+    """The plain ``lmdeploy lite auto_awq`` command (downloads wikitext2 from the hub: online only)."""
     check_job(job)
     cmd = ["lmdeploy", "lite", "auto_awq", job.model, "--work-dir", job.work_dir,
-           "--calib-dataset", "ptb", "--calib-samples", str(job.calib_samples),
+           "--calib-dataset", ONLINE_CALIB, "--calib-samples", str(job.calib_samples),
            "--calib-seqlen", str(job.calib_seqlen), "--batch-size", str(job.batch_size),
-           "--w-bits", str(job.w_bits), "--w-group-size", str(job.w_group_size), "--dtype", job.dtype]
+           "--w-bits", str(job.w_bits), "--w-group-size", str(job.w_group_size), "--dtype", job.dtype,
+           "--device", job.device]
     return cmd + (["--search-scale"] if job.search_scale else [])
 
 
@@ -72,20 +79,20 @@ def offline_awq_command(job: AwqJob) -> list[str]:
            "--work-dir", job.work_dir, "--calib-file", job.calib_file,
            "--calib-samples", str(job.calib_samples), "--calib-seqlen", str(job.calib_seqlen),
            "--batch-size", str(job.batch_size), "--w-group-size", str(job.w_group_size),
-           "--dtype", job.dtype]
+           "--dtype", job.dtype, "--device", job.device]
     return cmd + (["--search-scale"] if job.search_scale else [])
 
 
 def auto_awq_kwargs(job: AwqJob) -> dict:
     """Keyword arguments for ``lmdeploy.lite.apis.auto_awq.auto_awq``.
 
-    ``calib_dataset`` stays "ptb" only because LMDeploy asserts a known name; the loader that
-    would download it is replaced by :func:`local_calib_loader`.
+    ``calib_dataset`` is set only because LMDeploy asserts a known name; the loader that would
+    download it is replaced by :func:`local_calib_loader`.
     """
     check_job(job)
     kwargs = asdict(job)
     kwargs.pop("calib_file")
-    return {**kwargs, "calib_dataset": "ptb", "device": "cuda"}
+    return {**kwargs, "calib_dataset": ONLINE_CALIB}
 
 
 def calib_blocks(tokenizer, path: str | Path, nsamples: int = 128, seqlen: int = 2048) -> list:
@@ -107,7 +114,10 @@ def calib_blocks(tokenizer, path: str | Path, nsamples: int = 128, seqlen: int =
 
 
 def local_calib_loader(path: str | Path):
-    """A drop-in for LMDeploy's ``get_calib_loaders`` that reads ``path`` instead of the hub."""
+    """A drop-in for LMDeploy's ``get_calib_loaders`` that reads ``path`` instead of the hub.
+
+    LMDeploy 0.10's ``calibrate`` unpacks ``(train_blocks, test_data)`` and concatenates the blocks.
+    """
 
     def get_calib_loaders(name, tokenizer, nsamples=128, seed=0, seqlen=2048):
         return calib_blocks(tokenizer, path, nsamples, seqlen), None
@@ -115,13 +125,13 @@ def local_calib_loader(path: str | Path):
     return get_calib_loaders
 
 
-def require_lmdeploy(what: str = "LMDeploy") -> None:
-    """Raise a :class:`CourseError` unless a CUDA GPU and the ``lmdeploy`` package are present."""
+def require_lmdeploy(what: str = "LMDeploy", device: str = "cuda") -> None:
+    """Raise a :class:`CourseError` unless the ``lmdeploy`` package (and, for cuda, a GPU) is present."""
     import importlib.util
 
     import torch
 
-    if not torch.cuda.is_available():
+    if device == "cuda" and not torch.cuda.is_available():
         raise CourseError(f"{what} needs a CUDA GPU (LMDeploy has no CPU backend) and this machine "
                           "has none. On the CPU use course_utils.quantize (W4A16 RTN/AWQ) and "
                           "course_utils.kvcache instead, or run this on InternStudio.")
@@ -130,14 +140,16 @@ def require_lmdeploy(what: str = "LMDeploy") -> None:
 
 
 def run_auto_awq(job: AwqJob) -> Path:
-    """Run LMDeploy's ``auto_awq`` on the GPU with local calibration text; returns the work dir."""
-    require_lmdeploy("lmdeploy lite auto_awq")
+    """Run LMDeploy's ``auto_awq`` with local calibration text; returns the work dir."""
+    check_job(job)
+    require_lmdeploy("lmdeploy lite auto_awq", job.device)
     import lmdeploy.lite.apis.calibrate as calibrate
     from lmdeploy.lite.apis.auto_awq import auto_awq
 
     if not hasattr(calibrate, "get_calib_loaders"):
         raise CourseError("This LMDeploy version loads calibration data differently: use the plain "
-                          "command from auto_awq_cli(job) with network access, or lmdeploy==0.18.0.")
+                          "command from auto_awq_cli(job) with network access, or the pinned "
+                          "lmdeploy (requirements/gpu.txt).")
     original = calibrate.get_calib_loaders
     calibrate.get_calib_loaders = local_calib_loader(job.calib_file)
     try:
@@ -256,7 +268,7 @@ def _main(argv=None) -> None:
     awq = sub.add_parser("auto_awq")
     awq.add_argument("model")
     awq.add_argument("--work-dir", required=True)
-    for name, default in (("calib-file", AwqJob.calib_file), ("dtype", "auto")):
+    for name, default in (("calib-file", AwqJob.calib_file), ("dtype", "auto"), ("device", "cuda")):
         awq.add_argument(f"--{name}", default=default)
     for name, default in (("calib-samples", 128), ("calib-seqlen", 2048), ("batch-size", 1),
                           ("w-group-size", 128)):

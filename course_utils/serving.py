@@ -19,6 +19,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .compat import has_serve_cli
 from .errors import CourseError
 
 BACKENDS = ("auto", "lmdeploy", "transformers")
@@ -102,13 +103,17 @@ def choose_backend(backend: str = "auto") -> str:
     if backend not in BACKENDS:
         raise CourseError(f"backend={backend!r}: use one of {', '.join(BACKENDS)}.")
     if backend == "auto":
-        return "lmdeploy" if _has_cuda() and _has_lmdeploy() else "transformers"
+        backend = "lmdeploy" if _has_cuda() and _has_lmdeploy() else "transformers"
     if backend == "lmdeploy" and not _has_cuda():
         raise CourseError("LMDeploy needs a CUDA GPU and this machine has none. Use "
                           "backend='transformers' (or 'auto'), or the tiny profile.")
     if backend == "lmdeploy" and not _has_lmdeploy():
         raise CourseError("LMDeploy is not installed: pip install -r requirements/gpu.txt "
                           "(on a CUDA machine), or use backend='transformers'.")
+    if backend == "transformers" and not has_serve_cli():
+        raise CourseError("No server for this machine: `transformers serve` needs transformers 5 "
+                          "(the CPU env, `make setup`), and this env's LMDeploy needs a CUDA GPU. "
+                          "Serve from the CPU env, or on InternStudio's GPU.")
     return backend
 
 
@@ -271,7 +276,7 @@ def serve(model=None, *, backend: str = "auto", port: int = 23333, host: str = "
     _check_exposure(backend, host, api_key)
     _check_port(host, port)
     name = str(model or default_name("chat"))
-    folder = resolve(name)
+    folder = resolve(name).resolve()  # the server runs in another folder: relative paths would break
     served_name = name if name in REGISTRY else Path(name).name
     run_dir = _run_dir(served_name, port)
     if backend == "lmdeploy":

@@ -4,9 +4,7 @@ import ast
 import contextlib
 import json
 import math
-import sys
 import threading
-import types
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
@@ -14,6 +12,8 @@ from types import SimpleNamespace
 import pytest
 
 from course_utils.errors import CourseError
+from pyconfig import dict_calls
+
 from course_utils.eval_data import (OPTIONS, build_messages, export_opencompass_config, extract_choice,
                                     list_datasets, load_dataset, parse_range, render_plain)
 from course_utils.evaluate import (EndpointLM, LocalLM, disagreements, evaluate, load_predictions,
@@ -396,59 +396,45 @@ def test_endpoint_that_is_down():
 
 
 # ---- OpenCompass config export ------------------------------------------------------------------
-def _fake_opencompass(monkeypatch):
-    """Just enough of mmengine/opencompass for the exported config to execute."""
-    def module(name, **attrs):
-        mod = types.ModuleType(name)
-        mod.__dict__.update(attrs)
-        monkeypatch.setitem(sys.modules, name, mod)
-
-    module("mmengine"), module("mmengine.config", read_base=contextlib.nullcontext)
-    module("opencompass"), module("opencompass.models", HuggingFacewithChatTemplate=type("HF", (), {}),
-                                  OpenAISDK=type("API", (), {}))
-    for name in ("configs", "configs.datasets", "configs.datasets.ceval", "configs.models",
-                 "configs.models.hf_internlm"):
-        module(f"opencompass.{name}")
-    module("opencompass.configs.datasets.ceval.ceval_gen", ceval_datasets=[
-        {"abbr": "ceval-law", "reader_cfg": {"input_columns": ["question"], "output_column": "answer"}}])
-    module("opencompass.configs.models.hf_internlm.hf_internlm2_5_1_8b_chat", models=[
-        {"abbr": "internlm2_5-1_8b-chat-hf", "path": "internlm/internlm2_5-1_8b-chat"}])
-
-
-def test_export_opencompass_config(tmp_path, monkeypatch):
+# Here only the text: tests/sim/test_toolchain.py runs these configs with the real OpenCompass.
+def test_export_opencompass_config(tmp_path):
     path = tmp_path / "eval_course.py"
     command = export_opencompass_config(
         ["internlm2_5-1_8b-chat", "/root/finetuned/merged", "http://127.0.0.1:23333/v1"],
-        ["ceval", "course_en"], path, test_range="[0:20]")
-    assert command == f"python run.py {path} --debug"
+        ["ceval", "course_en"], path, test_range="[0:20]", num_gpus=1)
+    assert command == f"opencompass {path} --debug"
     source = path.read_text()
     tree = ast.parse(source)
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert {"opencompass.configs.datasets.ceval.ceval_gen",
             "opencompass.configs.models.hf_internlm.hf_internlm2_5_1_8b_chat", "mmengine.config"} <= imported
     assert command in source  # the header tells how to run it
-
-    _fake_opencompass(monkeypatch)
-    config = {}
-    exec(compile(source, str(path), "exec"), config)
-    assert [d["abbr"] for d in config["datasets"]] == ["ceval-law", "course_en"]
-    assert config["datasets"][0]["reader_cfg"]["test_range"] == "[0:20]"
-    assert config["datasets"][1] == {"abbr": "course_en", "path": "data/eval/course_en/val.jsonl",
-                                     "data_type": "mcq", "infer_method": "gen", "test_range": "[0:20]"}
-    base, folder, api = config["models"]
-    assert base["path"] == "/share/new_models/Shanghai_AI_Laboratory/internlm2_5-1_8b-chat"
-    assert folder["type"].__name__ == "HF" and folder["path"] == "/root/finetuned/merged"
-    assert api["type"].__name__ == "API" and api["openai_api_base"] == "http://127.0.0.1:23333/v1"
-    assert config["work_dir"] == "./outputs/course_eval"
+    assert "path='/share/new_models/Shanghai_AI_Laboratory/internlm2_5-1_8b-chat'" in source
+    calls = dict_calls(source)
+    [folder], [api] = calls["HuggingFacewithChatTemplate"], calls["OpenAISDK"]
+    assert folder["path"] == "/root/finetuned/merged" and api["openai_api_base"] == "http://127.0.0.1:23333/v1"
+    assert "_d['reader_cfg']['test_range'] = '[0:20]'" in source and "work_dir = './outputs/course_eval'" in source
+    assert "dict(abbr='course_en', path='data/eval/course_en/val.jsonl', data_type='mcq', infer_method='gen', " \
+           "test_range='[0:20]')" in source
 
 
-def test_export_ppl_mode_and_bad_range(tmp_path):
-    export_opencompass_config("internlm2_5-7b-chat", "ceval", tmp_path / "c.py", mode="ppl")
+def test_export_ppl_uses_the_base_model_class_and_refuses_endpoints(tmp_path):
+    export_opencompass_config("internlm2_5-7b-chat", ["ceval", "course_en"], tmp_path / "c.py", mode="ppl", num_gpus=0)
     source = (tmp_path / "c.py").read_text()
     assert "opencompass.configs.datasets.ceval.ceval_ppl import ceval_datasets" in source
-    assert "hf_internlm2_5_7b_chat import models" in source and "test_range" not in source
+    assert "hf_internlm2_5_7b_chat" not in source  # OpenCompass's chat config cannot score ppl
+    [model] = dict_calls(source)["HuggingFaceBaseModel"]
+    assert model["path"] == "/share/new_models/Shanghai_AI_Laboratory/internlm2_5-7b-chat"
+    assert "run_cfg=dict(num_gpus=0)" in source and "torch_dtype='float32'" in source
+    with pytest.raises(CourseError, match="gen mode"):
+        export_opencompass_config("http://127.0.0.1:23333/v1", "course_en", tmp_path / "e.py", mode="ppl")
     with pytest.raises(CourseError, match="not a slice"):
         export_opencompass_config("internlm2_5-7b-chat", "ceval", tmp_path / "d.py", test_range="0-20")
+
+
+def test_config_without_imports_has_no_read_base_block(tmp_path):
+    export_opencompass_config("/root/m", "course_en", tmp_path / "f.py", num_gpus=0)
+    assert "read_base" not in (tmp_path / "f.py").read_text()  # mmengine rejects an empty block
 
 
 # ---- the real tiny model -------------------------------------------------------------------------

@@ -1,13 +1,13 @@
 """Lesson 4: identity dataset, validation, template masking, packing, XTuner export, LoRA/QLoRA
 training, resume and merge. One LoRA run is shared by the model tests (module-scoped fixture)."""
 
-import ast
 import json
-import sys
 import types
-from unittest import mock
+from dataclasses import replace
 
 import pytest
+
+from pyconfig import assignments, dict_calls
 
 from course_utils.errors import CourseError
 from course_utils.finetune import (FinetuneConfig, TrainResult, estimate_qlora_memory,
@@ -176,55 +176,53 @@ def test_truncation_packing_and_collate(tokenizer):
 
 # ---- config, export, memory estimate ----------------------------------------------------------------
 
-def _exec_xtuner_config(path):
-    """Execute an exported config with XTuner's imports stubbed (XTuner is not installed here)."""
-    names = ["datasets", "mmengine", "mmengine.dataset", "mmengine.hooks", "mmengine.optim",
-             "xtuner", "xtuner.dataset", "xtuner.dataset.collate_fns", "xtuner.dataset.map_fns",
-             "xtuner.engine", "xtuner.engine.hooks", "xtuner.engine.runner", "xtuner.model",
-             "xtuner.utils"]
-    stubs = {n: mock.MagicMock(name=n) for n in names}
-    namespace, saved = {}, {n: sys.modules.get(n) for n in names}
-    sys.modules.update(stubs)  # only these: the real torch/peft/transformers stay imported
-    try:
-        exec(compile(path.read_text(), str(path), "exec"), namespace)
-    finally:
-        for n, module in saved.items():
-            if module is None:
-                sys.modules.pop(n, None)
-            else:
-                sys.modules[n] = module
-    return namespace, stubs
-
-
 def test_export_xtuner_config_carries_the_values(tmp_path):
     paths = make_identity_dataset("Alex", out_dir=tmp_path)
     cfg = FinetuneConfig(data_path=str(paths["conversation"]), lr=3e-4, batch_size=2,
                          accumulative_counts=4, max_length=128, pack_to_max_length=True,
-                         lora_r=16, lora_alpha=32, lora_targets=["q_proj", "v_proj"],
+                         lora_r=16, lora_alpha=32, lora_targets=["q_proj", "v_proj"], eval_max_new_tokens=40,
                          evaluation_inputs=["Who are you?"], save_steps=5, quantization="4bit")
-    path = export_xtuner_config(cfg, tmp_path / "cfg" / "identity_qlora.py")
-    ast.parse(path.read_text())
-    ns, stubs = _exec_xtuner_config(path)
+    source = export_xtuner_config(cfg, tmp_path / "cfg" / "identity_qlora.py", device="cuda").read_text()
+    ns, calls = assignments(source), dict_calls(source)
     assert (ns["lr"], ns["batch_size"], ns["accumulative_counts"]) == (3e-4, 2, 4)
-    assert (ns["max_length"], ns["pack_to_max_length"], ns["max_epochs"]) == (128, True, 3)
+    assert (ns["max_length"], ns["pack_to_max_length"], ns["max_epochs"], ns["max_iters"]) == (128, True, 3, None)
     assert ns["save_steps"] == 5 * 4 and ns["evaluation_freq"] == 3 * 4  # iterations = batches
     assert ns["evaluation_inputs"] == ["Who are you?"] and ns["data_path"] == str(paths["conversation"])
     assert ns["pretrained_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    lora = ns["model"]["lora"]
+    [lora] = calls["LoraConfig"]
     assert (lora["r"], lora["lora_alpha"], lora["target_modules"]) == (16, 32, ["q_proj", "v_proj"])
-    assert ns["model"]["llm"]["quantization_config"]["load_in_4bit"] is True
-    assert ns["train_dataset"]["dataset_map_fn"] is None  # XTuner conversation format as-is
-    assert ns["randomness"]["seed"] == cfg.seed
+    [bnb] = calls["BitsAndBytesConfig"]
+    assert bnb["load_in_4bit"] is True and bnb["bnb_4bit_quant_type"] == "nf4"
+    [hook] = calls["EvaluateChatHook"]
+    assert hook["max_new_tokens"] == 40
+    assert calls["AmpOptimWrapper"][0]["dtype"] == "float16" and "is_bf16_supported" not in source
+    assert "dataset_map_fn=None," in source  # XTuner conversation format as-is
+    assert calls["SupervisedFinetune"][0]["use_activation_checkpointing"] is False
 
 
-def test_export_messages_format_uses_openai_map_fn(tmp_path):
+def test_export_for_the_cpu_and_messages_format(tmp_path):
     paths = make_identity_dataset("Alex", out_dir=tmp_path)
-    cfg = FinetuneConfig(data_path=str(paths["messages"]), max_steps=7)
-    ns, stubs = _exec_xtuner_config(export_xtuner_config(cfg, tmp_path / "c.py"))
-    assert ns["train_dataset"]["dataset_map_fn"] is stubs["xtuner.dataset.map_fns"].openai_map_fn
-    assert ns["model"]["llm"]["quantization_config"] is None
-    assert ns["model"]["lora"]["target_modules"] is None  # XTuner's all-linear default
-    assert ns["max_iters"] == 7
+    cfg = FinetuneConfig(data_path=str(paths["messages"]), max_steps=7, warmup_ratio=0.3)
+    source = export_xtuner_config(cfg, tmp_path / "c.py", device="cpu").read_text()
+    ns, calls = assignments(source), dict_calls(source)
+    assert "dataset_map_fn=openai_map_fn," in source and "quantization_config=None" in source
+    assert ns["max_iters"] == 7 and "OptimWrapper" in calls and "AmpOptimWrapper" not in calls
+    assert "setattr(__import__('torch').cpu, 'is_bf16_supported'" in source  # XTuner 0.2 on a CPU
+    with pytest.raises(CourseError, match="QLoRA"):
+        export_xtuner_config(replace(cfg, quantization="4bit"), tmp_path / "q.py", device="cpu")
+
+
+def test_exported_schedule_skips_a_zero_warmup(tmp_path):
+    paths = make_identity_dataset("Alex", out_dir=tmp_path)
+    for ratio, steps in [(0.0, None), (0.0, 9), (0.3, 9), (0.03, None)]:
+        cfg = FinetuneConfig(data_path=str(paths["conversation"]), max_steps=steps, warmup_ratio=ratio)
+        source = export_xtuner_config(cfg, tmp_path / "s.py", device="cpu").read_text()
+        scope = {**assignments(source), "LinearLR": "LinearLR", "CosineAnnealingLR": "CosineAnnealingLR"}
+        exec(source[source.index("warmup_iters ="):source.index("train_cfg =")], scope)
+        kinds = [s["type"] for s in scope["param_scheduler"]]
+        assert kinds == (["LinearLR"] if int(ratio * (steps or 0)) or (ratio and not steps) else []) + \
+            ["CosineAnnealingLR"]  # mmengine refuses a LinearLR whose begin == end
+        assert all(s["end"] > s["begin"] for s in scope["param_scheduler"])
 
 
 def test_config_table_and_profiles():
@@ -352,12 +350,14 @@ def test_merge_refuses_quantized_bases(tmp_path):
 
 @pytest.mark.slow
 def test_merge_writes_nothing_when_replies_differ(trained, tmp_path, monkeypatch):
+    from peft import PeftModel
+
     import course_utils.finetune as ft
 
     result, _ = trained
     real = ft.reply
     monkeypatch.setattr(ft, "reply", lambda model, *a, **k: real(model, *a, **k)
-                        if hasattr(model, "peft_config") else "something else")
+                        if isinstance(model, PeftModel) else "something else")
     with pytest.raises(CourseError, match="not saved"):
         merge_adapter(None, result.adapter_dir, tmp_path / "merged", prompts=["Who are you?"])
     assert not (tmp_path / "merged").exists()

@@ -43,7 +43,7 @@ def test_measured_bytes_match_the_formula(small_config, kind, bits, dtype):
 
 
 def test_cache_appends_and_returns_dequantized_history(small_config):
-    layer = kv.QuantizedKVLayer(8)
+    layer = kv.QuantizedKVStore(8)
     k1, v1 = torch.randn(1, 2, 5, 32), torch.randn(1, 2, 5, 32)
     layer.update(k1, v1)
     k, v = layer.update(k1[:, :, :1], v1[:, :, :1])

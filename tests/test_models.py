@@ -74,10 +74,20 @@ def test_unknown_name_and_missing_path(places):
         models.resolve(str(places / "nowhere"))
 
 
-def test_internlm_on_a_cpu_machine_points_to_the_tiny_profile(monkeypatch):
+def test_a_big_model_on_a_cpu_machine_points_to_the_tiny_profile(places, monkeypatch):
     monkeypatch.setattr(models, "_cuda_available", lambda: False)
-    with pytest.raises(CourseError, match="COURSE_PROFILE=tiny"):
+    folder = _model_folder(places / "share/Shanghai_AI_Laboratory/internlm2_5-7b-chat")
+    with open(folder / "model-00001-of-00002.safetensors", "wb") as f:
+        f.truncate(int(3.5 * 2**30))  # sparse: 3.5 GB on paper, nothing on disk
+    with pytest.raises(CourseError, match="3.5 GB of weights.*COURSE_PROFILE=tiny"):
         models.load_model("internlm2_5-7b-chat")
+
+
+def test_a_folder_without_config_is_named(places):
+    folder = places / "empty"
+    folder.mkdir()
+    with pytest.raises(CourseError, match="'empty' has no readable config.json"):
+        models.load_model(folder)
 
 
 def test_bad_quantization_value():

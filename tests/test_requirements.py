@@ -28,13 +28,22 @@ def test_cpu_lock_is_exact_and_installed():
         assert version(name) == pins[name], f"{name} in the venv differs from requirements/cpu.txt"
 
 
-def test_gpu_lock_has_lmdeploy_constraints():
+def _v(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", text)[:3])
+
+
+def test_gpu_lock_is_the_toolchain_that_agrees():
+    """The version facts behind the one InternStudio env (docs/architecture.md, "One env")."""
     pins = _pins(ROOT / "requirements/gpu.txt")
-    assert pins["lmdeploy"].startswith("0.18.")
-    torch = tuple(int(x) for x in re.findall(r"\d+", pins["torch"])[:3])
-    assert torch <= (2, 12, 1), "lmdeploy 0.18 needs torch<=2.12.1"
-    assert tuple(int(x) for x in pins["peft"].split(".")) <= (0, 14, 0)
-    assert "triton" in pins and any(n.startswith("nvidia-") for n in pins)
+    assert (pins["xtuner"], pins["transformers"], pins["bitsandbytes"], pins["mmengine"]) == \
+        ("0.2.0", "4.48.0", "0.45.0", "0.10.6"), "xtuner 0.2.0 pins these exactly"
+    assert pins["lmdeploy"].startswith("0.10."), "lmdeploy 0.12+ needs transformers>=4.52"
+    assert pins["opencompass"] == "0.5.4" and _v(pins["numpy"]) < (2,)
+    assert _v(pins["torch"]) <= (2, 5, 1) and _v(pins["triton"]) < (3, 2), \
+        "bitsandbytes 0.45.0 imports triton.ops, which triton 3.2 (torch 2.6) removed"
+    assert _v(pins["peft"]) <= (0, 14, 0), "lmdeploy pins peft<=0.14.0"
+    assert _v(pins["pyarrow"]) < (26,) and _v(pins["setuptools"]) < (82,)  # numpy<2; pkg_resources for mmengine
+    assert any(n.startswith("nvidia-") and n.endswith("-cu12") for n in pins)
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@
     python tools/lock_gpu.py --check    # resolve requirements/gpu.txt as is (what the test does)
 
 pip can only resolve for a foreign platform with --only-binary=:all:; the two pure-Python
-packages lagent needs that ship only as sdists are built into py3-none-any wheels first.
+packages that ship only as sdists are built into py3-none-any wheels first.
 """
 
 from __future__ import annotations
@@ -20,11 +20,14 @@ ROOT = Path(__file__).resolve().parent.parent
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64",
              "manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux1_x86_64",
              "linux_x86_64", "any"]
-SDIST_ONLY = ["func-timeout==4.3.5", "timeout-decorator==0.5.0"]  # pure Python, lagent deps
+# Pure-Python packages that ship only as sdists (lagent, xtuner and opencompass need them).
+SDIST_ONLY = ["func-timeout==4.3.5", "timeout-decorator==0.5.0", "transformers-stream-generator==0.0.5",
+              "jieba==0.42.1"]
 HEADER = """# Exact GPU lock for the internstudio profile: CUDA 12 wheels, linux x86_64, Python {py}.
-# Resolves together with lmdeploy 0.18.0 (torch<=2.12.1, peft<=0.14.0, transformers>=4.56, triton).
+# One env for the whole InternLM toolchain: xtuner 0.2.0 (transformers==4.48.0), lmdeploy 0.10.2
+# (torch<=2.8.0, peft<=0.14.0), opencompass 0.5.4 (numpy<2). Why: docs/architecture.md, "One env".
 # tests/test_requirements.py proves it resolves (pip --dry-run for that platform); regenerate with
-# `python tools/lock_gpu.py` after changing requirements/gpu.in.
+# `python tools/lock_gpu.py` after changing requirements/gpu.in. `make sim` installs it on a CPU.
 """
 
 
