@@ -53,8 +53,9 @@ def test_make_portable_lets_this_transformers_read_a_5x_folder(written_by_5x):
     assert compat.make_portable(written_by_5x) is True
     assert compat.make_portable(written_by_5x) is False  # idempotent: nothing left to change
     config = AutoConfig.from_pretrained(written_by_5x)
-    rope = getattr(config, "rope_parameters", None) or {"rope_theta": config.rope_theta}  # 5.x or 4.x
-    assert rope["rope_theta"] == 100000.0  # not 4.48's default of 10000
+    # What the model will use: 5.x reads rope_parameters, 4.x rope_theta (default 10000 when missing).
+    theta = config.rope_parameters["rope_theta"] if compat.transformers_version() >= (5, 0) else config.rope_theta
+    assert theta == 100000.0
     tok = AutoTokenizer.from_pretrained(written_by_5x)
     text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)
     assert text == "<|im_start|>user\nHi<|im_end|>\n"

@@ -60,7 +60,7 @@ class Check:
                               timeout=timeout, cwd=self.out, env=env)
         output = done.stdout + done.stderr
         (self.out / "logs").mkdir(exist_ok=True)
-        (self.out / "logs" / f"{args[0]}-{args[1]}-{time.strftime('%H%M%S')}.log").write_text(output)
+        (self.out / "logs" / f"{args[0]}-{Path(str(args[1])).stem}-{time.strftime('%H%M%S')}.log").write_text(output)
         if done.returncode:
             raise RuntimeError(f"{' '.join(map(str, args[:3]))} exited {done.returncode}: {output[-1500:]}")
         return output

@@ -30,3 +30,17 @@ def test_the_lmdeploy_chat_it_types_parses(tmp_path):
 
     args = parse([str(a) for a in Check(tmp_path, cuda=False).chat_command()])
     assert args.run.__qualname__ == "CLI.chat" and args.backend == "turbomind" and args.cache_max_entry_count == 0.2
+
+
+def test_cli_runs_this_envs_tools_logs_them_and_raises_on_failure(tmp_path):
+    import pytest
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    from gpu_check import Check
+
+    check = Check(tmp_path, cuda=False)
+    out = check.cli("xtuner", "list-cfg", "-p", "internlm2_5_chat_7b_qlora")
+    assert "internlm2_5_chat_7b_qlora_alpaca_e3" in out
+    assert [p.name.split("-")[:2] for p in (tmp_path / "logs").iterdir()] == [["xtuner", "list"]]
+    with pytest.raises(RuntimeError, match="exited 2"):
+        check.cli("lmdeploy", tmp_path / "not-a-command")  # a path argument: the log name must stay a name
