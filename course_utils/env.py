@@ -106,7 +106,8 @@ LOCKS = {"CPU lock": "requirements/cpu.txt", "InternStudio lock": "requirements/
 LOCK_KEYS = ("torch", "transformers", "peft", "bitsandbytes")  # what tells the two locks apart
 
 
-def _pins(path: Path) -> dict[str, str]:
+def read_pins(path: Path) -> dict[str, str]:
+    """{package: version} of the exact pins (``name==version``) in a requirements file."""
     pins = {}
     for line in path.read_text().splitlines():
         name, _, pinned = line.split("#")[0].strip().partition("==")
@@ -123,7 +124,7 @@ def which_env() -> str:
     name = name or Path(sys.prefix).name
     have = {k: _version(k).split("+")[0] for k in LOCK_KEYS}  # "2.5.1+cu124" -> "2.5.1"
     for label, lock in LOCKS.items():
-        pins = _pins(REPO_ROOT / lock) if (REPO_ROOT / lock).is_file() else {}
+        pins = read_pins(REPO_ROOT / lock) if (REPO_ROOT / lock).is_file() else {}
         if all(pins.get(k) == v for k, v in have.items()):
             return f"{label} ({lock}), env {name}"
     return (f"not a course lock (transformers {have['transformers']}), env {name}: run `make setup` "

@@ -282,8 +282,9 @@ def _oc_model(model, index: int, mode: str, served_model: str, num_gpus: int) ->
                 "meta_template": {"round": [{"role": "HUMAN", "api_role": "HUMAN"},
                                             {"role": "BOT", "api_role": "BOT", "generate": True}]},
                 "max_out_len": 256, "batch_size": 8, "temperature": 0.0}
-        if served_model in REGISTRY and locate(served_model)[1] is not None:
-            spec["tokenizer_path"] = str(locate(served_model)[1])  # else tiktoken downloads gpt-4's
+        tokenizer = locate(served_model)[1] if served_model in REGISTRY else None
+        if tokenizer is not None:
+            spec["tokenizer_path"] = str(tokenizer)  # else tiktoken downloads gpt-4's
         return None, f"[{_py(spec)}]"
     if name in OC_MODEL_CONFIGS and mode == "gen":  # OpenCompass's own chat config, pointed at /share
         var = f"{OC_MODEL_CONFIGS[name]}_model"
@@ -357,12 +358,9 @@ def export_opencompass_config(models, datasets, path, *, mode: str = "gen", test
         imports += [line] if line else []
         data_exprs.append(expr)
         ranged += [expr] if line and test_range is not None else []
-    from importlib.metadata import PackageNotFoundError, version
+    from .env import read_pins
 
-    try:
-        oc_version = version("opencompass")
-    except PackageNotFoundError:
-        oc_version = "0.5.4"
+    oc_version = read_pins(REPO_ROOT / "requirements" / "gpu.txt")["opencompass"]
     lines = [CONFIG_HEADER.format(command=command, version=oc_version, data_root=data_root),
              "from opencompass.models import HuggingFaceBaseModel, HuggingFacewithChatTemplate, OpenAISDK"]
     if imports:  # mmengine refuses a read_base() block that imports nothing

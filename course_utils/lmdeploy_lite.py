@@ -132,9 +132,10 @@ def require_lmdeploy(what: str = "LMDeploy", device: str = "cuda") -> None:
     import torch
 
     if device == "cuda" and not torch.cuda.is_available():
-        raise CourseError(f"{what} needs a CUDA GPU (LMDeploy has no CPU backend) and this machine "
-                          "has none. On the CPU use course_utils.quantize (W4A16 RTN/AWQ) and "
-                          "course_utils.kvcache instead, or run this on InternStudio.")
+        raise CourseError(f"{what} needs a CUDA GPU (LMDeploy's engines have no CPU backend) and this "
+                          "machine has none. On the CPU use course_utils.quantize (W4A16 RTN/AWQ) and "
+                          "course_utils.kvcache instead (or AwqJob(device='cpu') for auto_awq in the "
+                          "InternStudio env), or run this on InternStudio.")
     if importlib.util.find_spec("lmdeploy") is None:
         raise CourseError(f"{what} needs LMDeploy: pip install -r requirements/gpu.txt")
 

@@ -25,23 +25,24 @@ def pytest_report_header(config):
     return "sim env: " + ", ".join(f"{name} {version(name)}" for name in LOCKED)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def share_root(tmp_path_factory):
-    """A fake InternStudio share root, built from scratch: the tiny InternLM2.5 checkpoint + MiniLM."""
+    """A fake InternStudio share root, built from scratch (the tiny InternLM2.5 checkpoint + MiniLM),
+    and this whole session in the internstudio profile against it."""
     from tiny_internlm2 import build_share
 
-    return build_share(tmp_path_factory.mktemp("share"))
+    root = build_share(tmp_path_factory.mktemp("share"))
+    os.environ.update(COURSE_PROFILE="internstudio", COURSE_SHARE_ROOTS=str(root))
+    os.environ.pop("COURSE_MODEL_DIR", None)
+    # xtuner and opencompass start `python` from PATH: make it this env's.
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    return root
 
 
 @pytest.fixture(autouse=True)
-def internstudio(share_root, tmp_path, monkeypatch):
-    """Every test runs in the internstudio profile against the fake share, with its own outputs."""
-    monkeypatch.setenv("COURSE_PROFILE", "internstudio")
-    monkeypatch.setenv("COURSE_SHARE_ROOTS", str(share_root))
+def outputs(tmp_path, monkeypatch):
+    """Each test writes its outputs (fine-tuning, evaluation, serving) into its own folder."""
     monkeypatch.setenv("COURSE_OUTPUT_DIR", str(tmp_path / "outputs"))
-    monkeypatch.delenv("COURSE_MODEL_DIR", raising=False)
-    # xtuner and opencompass start `python` from PATH: make it this env's.
-    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +57,6 @@ def chat_dir(share_root):
 @pytest.fixture(scope="session")
 def chat_model(share_root):
     """(model, tokenizer) of the tiny InternLM2.5, loaded once by the course's own loader."""
-    os.environ.update(COURSE_PROFILE="internstudio", COURSE_SHARE_ROOTS=str(share_root))
     from course_utils.models import load_model
 
     return load_model()

@@ -62,16 +62,14 @@ def test_rag_chain_with_the_local_model(chat_model, tmp_path):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A few LoRA steps on the tiny InternLM2.5, through the course's train() and its eval hook."""
-    import os
-
     from course_utils.finetune import FinetuneConfig, train
     from course_utils.sft_data import make_identity_dataset
 
     out = tmp_path_factory.mktemp("finetune")
-    os.environ["COURSE_OUTPUT_DIR"] = str(out)
-    data = make_identity_dataset("Ada", base="InternLM2.5-1.8B", repeats=2)
-    cfg = FinetuneConfig(data_path=str(data["conversation"]), max_steps=12, lr=1e-2, batch_size=4,
-                         evaluation_freq=6, save_steps=6, evaluation_inputs=["Please introduce yourself."])
+    data = make_identity_dataset("Ada", base="InternLM2.5-1.8B", repeats=2, out_dir=out / "data")
+    cfg = FinetuneConfig(data_path=str(data["conversation"]), work_dir=str(out / "run"), max_steps=12,
+                         lr=1e-2, batch_size=4, evaluation_freq=6, save_steps=6,
+                         evaluation_inputs=["Please introduce yourself."])
     return cfg, train(cfg)
 
 
