@@ -19,7 +19,7 @@ export PYTHONHASHSEED ?= 0
 # Jupyter prints a warning on every kernel start without this.
 export JUPYTER_PLATFORM_DIRS ?= 1
 
-.PHONY: help setup models browser course test unit nbval homework-nbval browser-test sim-setup sim gpu-check notebooks lab doctor bench screenshots grade lock clean
+.PHONY: help setup models browser sandbox course test unit nbval homework-nbval browser-test sim-setup sim gpu-check notebooks lab doctor bench screenshots grade lock clean
 
 help:
 	@echo "make course     set up, then execute every lesson into build/ (HTML too) and print a table"
@@ -59,7 +59,7 @@ sim-setup: $(SIM_STAMP)
 models: setup
 	$(PY) -m course_utils prepare
 
-course: models
+course: models sandbox
 	$(PY) -m course_utils run $(NOTEBOOKS) --out build
 
 # Debian's chromium for the browser tests (Playwright drives it by path; no browser download), plus a
@@ -70,7 +70,13 @@ browser:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$pkgs >/dev/null; \
 	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$pkgs >/dev/null; fi; }
 
-unit: models
+# bubblewrap: the OS boundary for model-written code and for graded submissions (course_utils/sandbox.py).
+sandbox:
+	@command -v bwrap >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; \
+	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; fi; }
+
+unit: models sandbox
 	$(PY) -m pytest -q tests
 
 nbval: models
@@ -92,23 +98,23 @@ sim: models sim-setup
 gpu-check:
 	python tools/gpu_check.py --out build/gpu-check
 
-test: models browser
+test: models browser sandbox
 	$(PY) -m pytest -q tests
 	$(PY) -m pytest -q -p no:cacheprovider --nbval $(NBVAL) $(NOTEBOOKS)
 	$(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env $(HOMEWORK)
 	$(PY) -m pytest -q -p no:cacheprovider tests/browser
 	$(MAKE) sim
 
-notebooks: models
+notebooks: models sandbox
 	$(PY) -m course_utils run $(NOTEBOOKS) --inplace
 
-lab: models
+lab: models sandbox
 	$(VENV)/bin/jupyter lab --ip 127.0.0.1 notebooks/
 
 doctor: setup
 	$(PY) -m course_utils doctor
 
-grade: models
+grade: models sandbox
 	$(PY) -m course_utils grade homework/
 
 screenshots: models browser

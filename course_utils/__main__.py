@@ -15,14 +15,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("notebooks", nargs="+")
     run.add_argument("--out", default="build", help="folder for executed copies and HTML")
     run.add_argument("--inplace", action="store_true", help="overwrite the notebooks' stored outputs")
-    sub.add_parser("grade", help="run homework notebooks headless and print a score table "
-                                 "(python -m course_utils grade --help)")
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["grade"]:  # the grader owns its own options
-        from .grading import main as grade_main
+    from .grading import add_arguments
 
-        return grade_main(argv[1:])
-    args = parser.parse_args(argv)
+    add_arguments(sub.add_parser("grade", help="run homework notebooks in the sandbox and print a "
+                                               "score table"))
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
     if args.command == "doctor":
         from .env import doctor
@@ -42,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         for row in failed.itertuples():
             print(f"FAILED {row.notebook}: {row.error}", file=sys.stderr)
         return 1 if len(failed) else 0
+    elif args.command == "grade":
+        from .grading import run as grade
+
+        return grade(args)
     return 0
 
 

@@ -84,10 +84,18 @@ def _tool_class():
     class CourseSandboxPython(BaseAction):
         """Runs Python code in a sandbox and returns what it prints."""
 
-        def __init__(self, timeout: float = 10, memory_mb: int = 1024):
+        def __init__(self, timeout: float = 10, memory_mb: int = 1024, allow_unsandboxed: bool = False):
+            from .sandbox import INSTALL_HINT, boundary_error
+
+            why = boundary_error()
+            if why is not None and not allow_unsandboxed:  # refuse now, not at the model's first call
+                raise CourseError(f"The Python tool runs model-written code, and this machine has no "
+                                  f"operating-system sandbox ({why}): {INSTALL_HINT}. If you accept "
+                                  "that the code can read and change your files, pass "
+                                  "allow_unsandboxed=True.")
             description = dict(self.__tool_description__, name=TOOL_NAME)
             super().__init__(description=description, parser=CodeOrJsonParser)
-            self.timeout, self.memory_mb = timeout, memory_mb
+            self.timeout, self.memory_mb, self.unsandboxed = timeout, memory_mb, allow_unsandboxed
 
         @tool_api
         def run(self, command: str) -> ActionReturn:
@@ -100,7 +108,7 @@ def _tool_class():
             from .sandbox import run_python
 
             result = run_python(_strip_fences(command), timeout=self.timeout,
-                                memory_mb=self.memory_mb)
+                                memory_mb=self.memory_mb, unsandboxed=self.unsandboxed)
             ret = ActionReturn(args={"command": command}, type=self.name)
             if result.ok:
                 ret.result = [{"type": "text", "content": result.output.strip() or "(no output)"}]
@@ -111,9 +119,12 @@ def _tool_class():
     return CourseSandboxPython
 
 
-def python_tool(timeout: float = 10, memory_mb: int = 1024):
-    """The sandboxed Python tool as a Lagent action named ``PythonInterpreter``."""
-    return _tool_class()(timeout=timeout, memory_mb=memory_mb)
+def python_tool(timeout: float = 10, memory_mb: int = 1024, allow_unsandboxed: bool = False):
+    """The sandboxed Python tool as a Lagent action named ``PythonInterpreter``.
+
+    Without an OS sandbox on this machine it raises a CourseError unless ``allow_unsandboxed``.
+    """
+    return _tool_class()(timeout=timeout, memory_mb=memory_mb, allow_unsandboxed=allow_unsandboxed)
 
 
 def search_tool(api_key: str | None = None):
@@ -128,8 +139,12 @@ def search_tool(api_key: str | None = None):
 
 
 def make_agent(server, *, model: str | None = None, api_key: str | None = None,
-               language: str | None = None, max_turn: int = 3, search: bool = True, **llm_kwargs):
-    """A ReAct agent with the sandboxed Python tool (and web search when a key is set)."""
+               language: str | None = None, max_turn: int = 3, search: bool = True,
+               allow_unsandboxed: bool = False, **llm_kwargs):
+    """A ReAct agent with the sandboxed Python tool (and web search when a key is set).
+
+    ``allow_unsandboxed``: see ``python_tool``; without an OS sandbox the agent is refused.
+    """
     from lagent.actions import ActionExecutor
     from lagent.agents import ReAct
     from lagent.agents.react import (CALL_PROTOCOL_CN, CALL_PROTOCOL_EN, FORCE_STOP_PROMPT_CN,
@@ -138,7 +153,7 @@ def make_agent(server, *, model: str | None = None, api_key: str | None = None,
     from .env import profile
 
     language = language or ("en" if profile() == "tiny" else "zh")
-    tools = [python_tool()] + ([t] if search and (t := search_tool()) else [])
+    tools = [python_tool(allow_unsandboxed=allow_unsandboxed)] + ([t] if search and (t := search_tool()) else [])
     protocol = (ReActProtocol(call_protocol=CALL_PROTOCOL_CN, force_stop=FORCE_STOP_PROMPT_CN)
                 if language == "zh" else
                 ReActProtocol(call_protocol=CALL_PROTOCOL_EN, force_stop=FORCE_STOP_PROMPT_EN))

@@ -22,8 +22,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-MIME = "application/vnd.course-homework+json"  # the grader reads check records by this type
+MIME = "application/vnd.course-homework+json"  # tags check outputs (for tools; the grader ignores them)
 PROGRESS_ENV = "COURSE_HOMEWORK_PROGRESS"
+EVIDENCE_ENV = "COURSE_HOMEWORK_EVIDENCE"  # set by the grader: save answers there, check nothing
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,22 @@ def _display(text: str, record: dict) -> None:
 
 
 def check(task_id: str, answer) -> None:
-    """Check the answer, print ✅/❌ with details, save progress. Never raises."""
+    """Check the answer, print ✅/❌ with details, save progress. Never raises.
+
+    Under the grader (``COURSE_HOMEWORK_EVIDENCE`` set) it only saves the answer as data: the
+    grader checks it in its own process (``course_utils.evidence``, ``course_utils.grading``).
+    """
+    folder = os.environ.get(EVIDENCE_ENV)
+    if folder:
+        from . import evidence
+
+        try:
+            evidence.save(answer, Path(folder) / task_id)
+            print(f"📦 {task_id}: answer saved for the grader")
+        except Exception as exc:  # the grader then reports "no usable answer"; later tasks still run
+            print(f"📦 {task_id}: the answer could not be saved ({type(exc).__name__}: {exc})",
+                  file=sys.stderr)
+        return
     result = run_check(task_id, answer)
     try:
         _display(result.line(), {"event": "check", **asdict(result)})
@@ -540,22 +556,24 @@ def _peft_model(answer):
         raise Missing(f"{adapter.name!r} is not a LoRA adapter folder (no adapter_config.json)")
     from peft import PeftModel
 
+    from .evidence import course_model
     from .models import load_model
 
     base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
-    model, tokenizer = load_model(base)
+    model, tokenizer = load_model(course_model(base))  # never a model folder the learner made
     return PeftModel.from_pretrained(model, adapter).eval(), tokenizer
 
 
 def _trained_questions(answer) -> set[str]:
     """The user turns of the run's training data (from the adapter's saved config), if known."""
+    from .evidence import readable
     from .sft_data import load_conversations
 
     result = answer.get("result") if isinstance(answer, dict) else answer
     adapter = getattr(result, "adapter_dir", None) or (answer.get("adapter") if isinstance(answer, dict) else None)
     saved = Path(adapter or "") / "finetune_config.json"
     data_path = json.loads(saved.read_text()).get("data_path") if saved.is_file() else None
-    if not data_path or not Path(data_path).is_file():
+    if not data_path or not readable(data_path).is_file():
         return set()
     return {m["content"] for conv in load_conversations(data_path) for m in conv if m["role"] == "user"}
 
@@ -711,8 +729,11 @@ def _check_kv(answer) -> str:
 def _rescored(result) -> tuple[float, dict]:
     """Accuracy (percent) recomputed from a result's predictions file against the dataset's answers."""
     from .eval_data import load_dataset
+    from .evidence import readable
 
     path = Path(getattr(result, "predictions_path", "") or "")
+    if not isinstance(result.dataset, str) or "/" in result.dataset or "\\" in result.dataset:
+        readable(result.dataset)  # a dataset named by path: confined like any other file
     if not path.is_file():
         raise Missing("pass evaluate()'s result: its predictions file is missing")
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

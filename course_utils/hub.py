@@ -2,7 +2,8 @@
 
 ``serve_mirror(root)`` answers the few URLs the real ``huggingface_hub`` client asks for
 (``resolve``, ``api/models/.../revision``, ``api/models/.../tree``), so the lesson and the tests
-run the genuine download code offline, and a classroom without internet can share one copy.
+run the genuine download code offline. It listens on loopback (this machine only) and serves only
+files under ``root``; ``expose=True`` lets a classroom without internet share one copy.
 Layout of ``root``: ``<org>/<name>/<files>`` for models, ``datasets/<org>/<name>/...`` for datasets.
 """
 
@@ -15,6 +16,7 @@ import os
 import re
 import shutil
 import threading
+import warnings
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -23,6 +25,7 @@ from urllib.parse import unquote, urlparse
 from .errors import CourseError
 
 SOURCES = ("hf", "modelscope")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 HF_MIRROR = "https://hf-mirror.com"  # the mirror the bootcamp uses in mainland China
 
 
@@ -41,7 +44,7 @@ def hf_endpoint(endpoint: str | None = None) -> str:
 
 
 def _is_loopback(url: str) -> bool:
-    return urlparse(url).hostname in ("127.0.0.1", "localhost", "::1")
+    return urlparse(url).hostname in LOOPBACK_HOSTS
 
 
 @contextlib.contextmanager
@@ -162,20 +165,61 @@ def _git_blob_sha(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
-def _repo_files(repo_dir: Path) -> list[Path]:
-    return sorted(p for p in repo_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
+def _stays_in(path: Path, root: Path) -> bool:
+    """Whether ``path``, symlinks followed, lies under ``root`` (itself resolved)."""
+    try:
+        return path.resolve().is_relative_to(root)
+    except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL byte: not a file to serve
+        return False
 
 
-def _commit_sha(repo_dir: Path) -> str:
+def _repo_files(repo_dir: Path, root: Path | None = None) -> list[Path]:
+    """The repo's files; hidden ones, and links that lead out of ``root`` (default: the repo), left out."""
+    root = root or repo_dir.resolve()
+    return sorted(p for p in repo_dir.rglob("*")
+                  if p.is_file() and not p.name.startswith(".") and _stays_in(p, root))
+
+
+def _commit_sha(repo_dir: Path, root: Path | None = None) -> str:
     """A stable fake commit id: the same files give the same id, a changed file a new one."""
     digest = hashlib.sha1()
-    for path in _repo_files(repo_dir):
+    for path in _repo_files(repo_dir, root):
         digest.update(path.relative_to(repo_dir).as_posix().encode() + b"\0")
         digest.update(_git_blob_sha(path.read_bytes()).encode())
     return digest.hexdigest()
 
 
 _API = re.compile(r"^/api/(models|datasets)/(.+?)/(revision|tree)/([^/]+)(?:/(.*))?$")
+
+
+def _request_path(raw: str) -> str:
+    """The URL path of a request line, %-decoded once (``%252e`` stays the literal name ``%2e``).
+
+    Not urlparse: it reads a path starting with ``//`` as a host name.
+    """
+    return unquote(raw.split("?", 1)[0].split("#", 1)[0])
+
+
+def _plain_parts(relative: str) -> list[str] | None:
+    """The segments of a relative path, or None if any could leave a folder or hide something.
+
+    Refused: absolute paths and ``//`` (empty segments), ``.`` and ``..``, backslashes (a
+    separator to some tools) and control characters (NUL ends a C string; no hub file name has one).
+    """
+    parts = relative.split("/")
+    if any(p in ("", ".", "..") or "\\" in p or any(ord(c) < 32 or ord(c) == 127 for c in p)
+           for p in parts):
+        return None
+    return parts
+
+
+def _inside(root: Path, base: Path, relative: str) -> Path | None:
+    """``base / relative`` with symlinks resolved, if it still lies under ``root``; else None."""
+    parts = _plain_parts(relative)
+    if parts is None:
+        return None
+    path = base.joinpath(*parts)
+    return path.resolve() if _stays_in(path, root) else None
 
 
 def send_json(handler: BaseHTTPRequestHandler, payload, status: int = 200, headers: dict | None = None) -> None:
@@ -196,14 +240,16 @@ class _MirrorHandler(BaseHTTPRequestHandler):
     requests: list
 
     def log_message(self, fmt, *args):  # keep a record for the lesson instead of stderr noise
-        self.requests.append(f"{self.command} {unquote(urlparse(self.path).path)}")
+        self.requests.append(f"{self.command} {_request_path(self.path)}")
 
     def _repo_dir(self, kind: str, repo_id: str) -> Path | None:
-        folder = self.root / ("datasets" if kind == "datasets" else "") / repo_id
-        return folder if ".." not in repo_id and folder.is_dir() else None
+        base = self.root / "datasets" if kind == "datasets" else self.root
+        folder = _inside(self.root, base, repo_id)
+        return folder if folder is not None and folder.is_dir() else None
 
     def _error(self, status: int, code: str, message: str) -> None:
-        # huggingface_hub maps X-Error-Code to RepoNotFound etc.
+        # huggingface_hub maps X-Error-Code to RepoNotFound etc. Messages never repeat the request:
+        # a refused path and a missing file look the same, and nothing reaches the headers raw.
         send_json(self, {"error": message}, status, {"X-Error-Code": code, "X-Error-Message": message})
 
     def _json(self, payload) -> None:
@@ -213,23 +259,23 @@ class _MirrorHandler(BaseHTTPRequestHandler):
         self.do_GET()
 
     def do_GET(self):
-        path = unquote(urlparse(self.path).path)
+        path = _request_path(self.path)
         match = _API.match(path)
         if match:
             return self._api(*match.groups())
-        if "/resolve/" in path:
-            repo_part, rest = path.lstrip("/").split("/resolve/", 1)
+        if path.startswith("/") and "/resolve/" in path:
+            repo_part, rest = path[1:].split("/resolve/", 1)  # one "/" only: "//etc" stays refused
             kind = "datasets" if repo_part.startswith("datasets/") else "models"
             revision, _, filename = rest.partition("/")
             return self._resolve(kind, repo_part.removeprefix("datasets/"), revision, filename)
-        self._error(404, "EntryNotFound", f"{path} is not a hub URL this mirror knows")
+        self._error(404, "EntryNotFound", "Not a hub URL this mirror knows")
 
     def _checked_repo(self, kind: str, repo_id: str, revision: str) -> Path | None:
         repo = self._repo_dir(kind, repo_id)
         if repo is None:
-            self._error(404, "RepoNotFound", f"Repository {repo_id} is not in this mirror")
-        elif revision not in ("main", _commit_sha(repo)):
-            self._error(404, "RevisionNotFound", f"Revision {revision} is not in this mirror")
+            self._error(404, "RepoNotFound", "Repository not in this mirror")
+        elif revision not in ("main", _commit_sha(repo, self.root)):
+            self._error(404, "RevisionNotFound", "Revision not in this mirror")
             return None
         return repo
 
@@ -237,25 +283,30 @@ class _MirrorHandler(BaseHTTPRequestHandler):
         repo = self._checked_repo(kind, repo_id, revision)
         if repo is None:
             return
-        files = _repo_files(repo)
+        files = _repo_files(repo, self.root)
         if action == "revision":
-            return self._json({"id": repo_id, "sha": _commit_sha(repo), "private": False,
+            return self._json({"id": repo_id, "sha": _commit_sha(repo, self.root), "private": False,
                                "siblings": [{"rfilename": p.relative_to(repo).as_posix()}
                                             for p in files]})
-        self._json([{"type": "file", "path": p.relative_to(repo).as_posix(),
-                     "size": p.stat().st_size, "oid": _git_blob_sha(p.read_bytes())}
-                    for p in files if not subpath or p.relative_to(repo).as_posix().startswith(subpath)])
+        subpath = (subpath or "").rstrip("/")  # a trailing "/" names the same folder
+        if subpath and _inside(self.root, repo, subpath) is None:
+            return self._error(404, "EntryNotFound", "Path not in this mirror")
+        names = [p.relative_to(repo).as_posix() for p in files]
+        self._json([{"type": "file", "path": name, "size": p.stat().st_size,
+                     "oid": _git_blob_sha(p.read_bytes())}
+                    for p, name in zip(files, names)
+                    if not subpath or name == subpath or name.startswith(subpath + "/")])
 
     def _resolve(self, kind, repo_id, revision, filename):
         repo = self._checked_repo(kind, repo_id, revision)
         if repo is None:
             return
-        file = repo / filename
-        if ".." in filename or not file.is_file():
-            return self._error(404, "EntryNotFound", f"{filename} is not in {repo_id}")
+        file = _inside(self.root, repo, filename)
+        if file is None or not file.is_file():
+            return self._error(404, "EntryNotFound", "File not in this mirror")
         data = file.read_bytes()
         self.send_response(200)
-        self.send_header("X-Repo-Commit", _commit_sha(repo))
+        self.send_header("X-Repo-Commit", _commit_sha(repo, self.root))
         self.send_header("ETag", f'"{_git_blob_sha(data)}"')
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Content-Type", "application/octet-stream")
@@ -287,10 +338,32 @@ class Mirror:
         self.stop()
 
 
-def serve_mirror(root: str | Path | None = None, *, host: str = "127.0.0.1", port: int = 0) -> Mirror:
-    """Serve ``root`` (default: the course's ``data/hub_mirror``) in the hub's URL layout."""
+def _check_host(host: str, expose: bool) -> None:
+    """Loopback needs nothing; any other address only on purpose (``expose=True``), with a warning."""
+    if host.lower() in LOOPBACK_HOSTS:
+        return
+    if not expose:
+        raise CourseError(
+            f"serve_mirror(host={host!r}) would let other machines download every file in the mirror "
+            "folder. Keep the default host='127.0.0.1' (this machine only), or pass expose=True to "
+            "share the mirror on purpose.")
+    warnings.warn(f"The hub mirror listens on {host or 'every interface'}: every machine that can reach "
+                  "this host can download the mirror's files. Serve only a folder you mean to share.",
+                  UserWarning, stacklevel=3)
+
+
+def serve_mirror(root: str | Path | None = None, *, host: str = "127.0.0.1", port: int = 0,
+                 expose: bool = False) -> Mirror:
+    """Serve ``root`` (default: the course's ``data/hub_mirror``) in the hub's URL layout.
+
+    By default only this machine can connect (loopback). To share one copy with a classroom, pass
+    the address to listen on (``host="0.0.0.0"``: every interface) and ``expose=True``; then every
+    machine that can reach this one can download every file under ``root``. Paths that lead out
+    of ``root`` (``..``, absolute paths, symlinks) are answered 404 either way.
+    """
     from .paths import DATA_DIR
 
+    _check_host(host, expose)
     root = Path(root or DATA_DIR / "hub_mirror").resolve()
     if not root.is_dir():
         raise CourseError(f"Mirror folder {root} does not exist: pass a folder laid out as "

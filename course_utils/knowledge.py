@@ -3,14 +3,16 @@
 The store is incremental. Every chunk carries its file's content hash and the file's chunk count,
 so a rebuild adds only new or changed files, drops the chunks of deleted ones, and redoes a file
 that an interrupted build left incomplete. That state is read from the store itself (no manifest
-that could disagree with it), and each file's chunks go in with one write.
+that could disagree with it), and each file's chunks go in with one write. The one file the course
+adds, ``course_store.json``, only says that the folder is a course store, so that ``reset_store``
+never empties anything else.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
-import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,8 @@ from .paths import REPO_ROOT
 
 DEFAULT_PATTERNS = ("**/*.md", "**/*.markdown", "**/*.txt", "**/*.pdf")
 COLLECTION = "course_kb"
+STORE_MARKER = "course_store.json"  # written by build_vectorstore; reset_store needs it beside chroma.sqlite3
+_MADE_BY = "course_utils.knowledge.build_vectorstore"
 MARKDOWN_SUFFIXES = {".md", ".markdown"}
 _HEADER = re.compile(r"^(#{1,3})\s+(.+?)\s*#*\s*$")
 
@@ -256,19 +260,59 @@ def _open_store(persist_dir: Path, embeddings, collection: str, *, create: bool)
     return Chroma(client=client, collection_name=collection, embedding_function=embeddings)
 
 
+def _mark_store(persist_dir: Path) -> None:
+    """Label ``persist_dir`` as a course store (once), so reset_store can tell it from any other folder."""
+    marker = persist_dir / STORE_MARKER
+    if not marker.is_file():
+        marker.write_text(json.dumps({"made_by": _MADE_BY, "note": "rag.reset_store() empties only "
+                                      "folders holding this file and chroma.sqlite3"}, indent=1) + "\n")
+
+
+def _is_marked(persist_dir: Path) -> bool:
+    try:
+        return json.loads((persist_dir / STORE_MARKER).read_text()).get("made_by") == _MADE_BY
+    except (OSError, ValueError, AttributeError):  # missing, not JSON, not an object
+        return False
+
+
+def _built_by_course(client, collection: str) -> bool:
+    # A store from before the marker: the course's collection, labelled with its embedding model.
+    return (_has_collection(client, collection)
+            and "embedding_model" in (client.get_collection(collection).metadata or {}))
+
+
+def _not_a_store(persist_dir: Path, what: str) -> CourseError:
+    where = show_path(persist_dir) or str(persist_dir)
+    return CourseError(f"reset_store({where!r}) refused: {what}, so nothing was deleted. Pass the store "
+                       "folder that build_vectorstore(KB_DIR, STORE_DIR) wrote (STORE_DIR), not the "
+                       "knowledge base (KB_DIR). To remove any other folder, delete it yourself.")
+
+
 def reset_store(persist_dir: str | Path, collection: str = COLLECTION) -> None:
-    """Empty a persisted store (the next build starts from nothing).
+    """Empty a store that ``build_vectorstore`` made (the next build starts from nothing).
+
+    Only a folder holding ``chroma.sqlite3`` and the course's ``course_store.json`` (or, for a store
+    built before that marker, the course's collection) is a store: anything else (the knowledge
+    base passed by mistake, a folder of yours, a file) raises CourseError and nothing is deleted.
+    A missing or empty folder is nothing to reset.
 
     The collection is dropped through Chroma rather than by deleting the folder: Chroma caches one
     client per path in the process, and a folder deleted under it breaks the next build in this kernel.
     """
     persist_dir = Path(persist_dir)
-    if not (persist_dir / "chroma.sqlite3").is_file():
-        shutil.rmtree(persist_dir, ignore_errors=True)  # not a store (or half-created): start clean
+    if not persist_dir.exists() or (persist_dir.is_dir() and not any(persist_dir.iterdir())):
         return
+    if not persist_dir.is_dir():
+        raise _not_a_store(persist_dir, "that is a file, not a vector store folder")
+    if not (persist_dir / "chroma.sqlite3").is_file():
+        raise _not_a_store(persist_dir, "that folder is not a vector store (it has no chroma.sqlite3)")
     client = _client(persist_dir)
+    if not (_is_marked(persist_dir) or _built_by_course(client, collection)):
+        raise _not_a_store(persist_dir, "that folder is not a vector store built by the course "
+                                        f"(no {STORE_MARKER})")
     if _has_collection(client, collection):
         client.delete_collection(collection)
+    _mark_store(persist_dir)  # a store from before the marker is recognised by the file from now on
 
 
 @dataclass
@@ -372,6 +416,7 @@ def build_vectorstore(source, persist_dir: str | Path, *, patterns=None, config:
         raise CourseError(f"No readable files matching {', '.join(patterns)} in {show_path(source)}; "
                           "check KB_DIR and the patterns.")
     store = _open_store(Path(persist_dir), embeddings or load_embeddings(), collection, create=True)
+    _mark_store(Path(persist_dir))  # also marks a store built before the marker existed
     state, report = indexed_files(store), BuildReport()
     pending = _plan(docs, state, config, report)
     report.removed = sorted(set(state) - {d.metadata["source"] for d in docs})

@@ -140,6 +140,8 @@ def resolve(name_or_path: str | os.PathLike | None = None, *, kind: str = "chat"
         from .compat import make_portable
 
         make_portable(folder)  # one cache for both envs, whichever transformers wrote it
+    if place == "cache":
+        _readable_by_all(folder)  # a cache converted before convert_gguf did this itself
     if folder is not None:
         return folder
     if downloads_allowed():
@@ -166,6 +168,16 @@ def _prepare_bundled(s: ModelSpec, package_dir: Path) -> Path:
     return dest
 
 
+def _readable_by_all(folder: Path) -> None:
+    """transformers writes weights 0600; the grader's sandbox reads them as another uid."""
+    for f in folder.iterdir():
+        if f.is_file() and not f.stat().st_mode & 0o004:
+            try:
+                f.chmod(f.stat().st_mode | 0o044)
+            except OSError:  # not ours to change: the owner's sandbox runs still work
+                pass
+
+
 def convert_gguf(gguf_path: Path, dest: Path) -> Path:
     """De-quantize a GGUF checkpoint into a safetensors folder, atomically (once, ~25 s for SmolLM2)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -188,6 +200,7 @@ def convert_gguf(gguf_path: Path, dest: Path) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / COMPLETE_MARKER).write_text(f"converted from {gguf_path.name}\n")
+        _readable_by_all(tmp)
     except BaseException:  # KeyboardInterrupt too: never leave 0.5 GB of half-written files
         shutil.rmtree(tmp, ignore_errors=True)
         raise

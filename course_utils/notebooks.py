@@ -1,4 +1,4 @@
-"""Execute notebooks headless (for `make course`, `make notebooks` and the homework grader)."""
+"""Execute notebooks headless (for `make course` and `make notebooks`)."""
 
 from __future__ import annotations
 

@@ -1,38 +1,51 @@
-"""Run untrusted Python (an agent's tool call) in a separate, limited process.
+"""Run untrusted code behind an operating-system boundary: an agent's Python tool, a homework submission.
 
-Layers, strongest first; each one is used where the OS allows it:
+The boundary is bubblewrap (package ``bubblewrap``). The code gets its own pid, network, ipc, uts
+and mount namespaces; it sees /usr and the Python installation read-only, a private working folder
+and /tmp (both in memory, size-capped), and nothing else: not your home, the course folder, other
+processes or their /proc entries. It runs as uid 65534 with no capabilities, also when the caller
+is root, may not create namespaces of its own, and dies with its caller; when it ends, the kernel
+kills everything it started (they all live in its pid namespace). Limits on wall time, CPU,
+memory, file size, open files, processes and printed output come on top.
 
-1. a separate process with a wall-clock timeout and resource limits: CPU seconds (RLIMIT_CPU),
-   address space (RLIMIT_AS), file size (RLIMIT_FSIZE), processes (RLIMIT_NPROC), open files;
-2. when started as root: its own empty network namespace (no network at all) and an unprivileged
-   user (``nobody``), so the OS itself refuses writes outside the scratch dir and reads of /root;
-   as a normal user: an unprivileged user+network namespace if the kernel allows one;
-3. always: an audit hook in the child that refuses writes outside the scratch directory, reads of
-   the learner's files (home, the course folder, the working directory), new processes, sockets and dangerous libc calls through ctypes;
-4. a fresh scratch directory as working directory and ``HOME``, and an environment rebuilt from
-   a short allow-list (no tokens or keys), deleted afterwards.
-
-Layer 3 is a guard against accidents and naive code, not a security boundary on its own.
+As root, an outer bwrap (which may mount) builds that view and runs ``setpriv`` to become a host
+uid of the run's own (see HOST_UIDS), which starts an inner, unprivileged bwrap whose user
+namespace shows it as 65534 and forbids new namespaces. A non-root caller
+needs only the inner bwrap. Where neither works (no bwrap, no user namespaces), ``run_python``
+refuses unless the caller passes ``unsandboxed=True``; ``isolation()`` says which case this is.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
-import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import CourseError
 
+SANDBOX_UID = 65534  # the uid the code sees ("nobody")
+# As root, each run gets its own host uid from this range: RLIMIT_NPROC counts per uid, so
+# sandboxes running side by side (a grader's kernel, an agent's tool call) cannot starve each other.
+HOST_UIDS = range(3_000_000, 3_900_000)
+WORKDIR = "/sandbox"  # the code's working folder and HOME inside the boundary
+INSIDE_ENV = "COURSE_SANDBOX"  # set inside: a nested run_python is already behind the boundary
 MAX_OUTPUT_CHARS = 20_000
 ENV_ALLOW = ("LANG", "LC_ALL", "TZ")  # copied from the parent; nothing else is
+# Read-only system files a Python program may need; everything else in /etc stays hidden.
+ETC_FILES = ("/etc/alternatives", "/etc/ld.so.cache", "/etc/localtime", "/etc/fonts", "/etc/mime.types")
+MB = 2**20
+INSTALL_HINT = ("install bubblewrap (`sudo apt-get install bubblewrap`, or `make sandbox`) on a "
+                "kernel that allows user namespaces")
 
 
 @dataclass
@@ -47,269 +60,304 @@ class SandboxResult:
         return self.output if self.ok else (self.output + f"\n[error] {self.error}").strip()
 
 
-# ---- code that runs inside the child (shipped as source: each function imports what it uses) ----
+@dataclass(frozen=True)
+class Limits:
+    timeout: float = 10  # wall-clock seconds
+    memory_mb: int = 1024  # address space of each process
+    file_mb: int = 50  # largest file it may write
+    nproc: int = 64  # processes and threads of the sandbox user at once
+    workdir_mb: int = 256  # size of the in-memory working folder
+    open_files: int = 256
 
-def _child_isolate_network() -> str:
-    """Move into an empty network namespace if the OS lets us; which isolation we got."""
-    import ctypes
-    import os
+    def apply(self) -> None:
+        """Set the limits on this process (called in the child before exec; children inherit them).
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    new_net, new_user = 0x40000000, 0x10000000  # CLONE_NEWNET, CLONE_NEWUSER
-    if os.geteuid() == 0 and libc.unshare(new_net) == 0:
-        return "network namespace"
-    if os.geteuid() != 0 and libc.unshare(new_user | new_net) == 0:
-        return "user+network namespace"
-    return "audit hook only"
-
-
-def _child_limits(cfg: dict) -> None:
-    """Resource limits, and the switch to an unprivileged user when the parent chose one."""
-    import os
-    import resource
-
-    mb = 2**20
-    limits = [(resource.RLIMIT_AS, cfg["memory_mb"] * mb), (resource.RLIMIT_CPU, cfg["cpu_s"]),
-              (resource.RLIMIT_FSIZE, cfg["file_mb"] * mb), (resource.RLIMIT_NOFILE, 256),
-              (resource.RLIMIT_CORE, 0)]
-    if cfg["uid"] is not None:
-        os.setgroups([])
-        os.setgid(cfg["gid"])
-        os.setuid(cfg["uid"])  # from here on the OS refuses what `nobody` may not do
-    if os.geteuid() != 0:  # root ignores RLIMIT_NPROC; anyone else is held to it
-        limits.append((resource.RLIMIT_NPROC, cfg["nproc"]))
-    for kind, value in limits:
-        resource.setrlimit(kind, (value, value))
+        It runs between fork and exec, so it imports nothing (the import lock may be held there).
+        """
+        nproc = self.nproc + (_processes_of(os.getuid()) if os.getuid() != 0 else 0)  # see HOST_UIDS
+        for kind, value in [(resource.RLIMIT_AS, self.memory_mb * MB),
+                            (resource.RLIMIT_CPU, int(self.timeout) + 2),
+                            (resource.RLIMIT_FSIZE, self.file_mb * MB),
+                            (resource.RLIMIT_NOFILE, self.open_files), (resource.RLIMIT_CORE, 0),
+                            (resource.RLIMIT_NPROC, nproc)]:  # root ignores NPROC: uid 65534 does not
+            resource.setrlimit(kind, (value, value))
 
 
-def _child_audit_hook(cfg: dict):
-    """An audit hook refusing writes outside scratch, reads of the learner's files, processes, sockets, ctypes libc."""
-    import os
-
-    scratch, network = cfg["scratch"], cfg["network"]
-    no_read, may_read = tuple(cfg["no_read"]), tuple(cfg["may_read"])
-    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-    writes = {"os.remove", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.truncate",
-              "os.utime", "os.symlink", "os.link", "shutil.rmtree", "os.setxattr", "os.removexattr"}
-    two_paths = {"os.rename", "shutil.move", "shutil.copyfile", "shutil.copytree"}
-    spawns = {"os.fork", "os.forkpty", "os.system", "os.exec", "os.posix_spawn", "os.spawn",
-              "subprocess.Popen", "pty.spawn", "os.kill", "os.killpg"}
-    introspection = {"gc.get_objects", "gc.get_referrers", "gc.get_referents", "sys.setprofile",
-                     "sys.settrace", "sys._current_frames"}
-    libc_denied = {"fork", "vfork", "clone", "clone3", "system", "execv", "execve", "execvp",
-                   "execl", "execlp", "posix_spawn", "posix_spawnp", "socket", "connect", "open",
-                   "openat", "open64", "creat", "fopen", "unlink", "unlinkat", "rename", "mkdir",
-                   "syscall", "prctl", "setrlimit", "prlimit", "ptrace", "unshare", "setns", "kill",
-                   "chmod", "chown", "write", "pwrite", "setuid", "setgid", "mount"}
-
-    def inside(path, roots):
-        return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
-
-    def real(path):
-        if isinstance(path, int):
-            return None  # an already-open file descriptor
-        return os.path.realpath(os.path.join(os.getcwd(), os.fsdecode(path)))
-
-    def deny(why):
-        raise PermissionError(f"sandbox: {why}")
-
-    def check_write(path):
-        p = real(path)
-        if p is not None and not inside(p, (scratch, "/dev/null")):
-            deny(f"writing outside the scratch directory is not allowed ({path})")
-
-    def check_read(path):
-        p = real(path)
-        if p is not None and inside(p, no_read) and not inside(p, may_read):
-            deny(f"reading the learner's files (home, course folder, working directory) is not "
-                 f"allowed ({path})")
-
-    def hook(event, args):
-        if event == "open":
-            path, mode, flags = (list(args) + [None, None])[:3]
-            writing = (isinstance(flags, int) and flags & write_flags) or (
-                isinstance(mode, str) and any(c in mode for c in "wax+"))
-            check_write(path) if writing else check_read(path)
-        elif event in ("os.listdir", "os.scandir") and args and args[0] is not None:
-            check_read(args[0])
-        elif event in writes and args:
-            check_write(args[0])
-        elif event in two_paths and len(args) >= 2:
-            check_read(args[0])
-            check_write(args[1])
-        elif event in spawns:
-            deny(f"starting or signalling processes is not allowed ({event})")
-        elif event.startswith("socket.") and not network and event != "socket.__new__":
-            deny(f"network access is not allowed ({event})")
-        elif event in introspection:
-            deny(f"{event} is not allowed")
-        elif event == "ctypes.dlsym" and len(args) > 1 and str(args[1]) in libc_denied:
-            deny(f"calling {args[1]}() through ctypes is not allowed")
-
-    return hook
+def _processes_of(uid: int) -> int:
+    """How many processes ``uid`` runs now: RLIMIT_NPROC counts them all, so the limit adds to this."""
+    count = 0
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                count += entry.stat().st_uid == uid
+            except OSError:
+                pass  # it exited meanwhile
+    return count
 
 
-def _child_run_main() -> None:
-    """Run scratch/main.py; on an exception print its traceback (learner frames only), exit 3."""
+# ---- the boundary --------------------------------------------------------------------------------
+
+def python_dirs() -> list[str]:
+    """The folders the interpreter and its packages live in (a venv and the Python it points to)."""
+    dirs = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
+    dirs.add(str(Path(sys.executable).resolve().parent.parent))
+    return sorted(d for d in dirs if not any(d != o and d.startswith(o + "/") for o in dirs))
+
+
+def _system_view() -> list[str]:
+    """/usr read-only, the /bin and /lib links or folders next to it, a few /etc files."""
+    args = ["--ro-bind", "/usr", "/usr"]
+    for name in ("/bin", "/sbin", "/lib", "/lib64", "/lib32"):
+        if os.path.islink(name):
+            args += ["--symlink", os.readlink(name), name]
+        elif os.path.isdir(name):
+            args += ["--ro-bind", name, name]
+    return args + [a for path in ETC_FILES if os.path.exists(path) for a in ("--ro-bind", path, path)]
+
+
+def _parents(path: str, made: set[str]) -> list[str]:
+    """Create the folders above a bind 0755 (bwrap makes them 0700, closed to uid 65534)."""
+    args = []
+    for parent in reversed(Path(path).parents):
+        if str(parent) != "/" and str(parent) not in made:
+            made.add(str(parent))
+            args += ["--perms", "0755", "--dir", str(parent)]
+    return args
+
+
+def host_uid() -> int:
+    """A host uid no process uses now, for one run (as root); the caller's own uid otherwise."""
+    import random
+
+    if os.geteuid() != 0:
+        return os.getuid()
+    while True:
+        uid = random.choice(HOST_UIDS)
+        if _processes_of(uid) == 0:
+            return uid
+
+
+def boundary_argv(command: list[str], *, ro=(), rw=(), network: bool = False,
+                  workdir_mb: int = 256, cwd: str = WORKDIR, uid: int | None = None) -> list[str]:
+    """The command line that runs ``command`` behind the boundary (see the module docstring).
+
+    ``ro`` and ``rw`` are host folders or files shown at the same path, read-only or writable
+    (as root, chown ``rw`` ones to ``uid``, the host uid from ``host_uid()``); ``network=True``
+    shares the host's network (nothing in the course needs it).
+    """
+    made: set[str] = set()
+    view = ["--die-with-parent", "--new-session", *_system_view(), "--proc", "/proc", "--dev", "/dev",
+            "--perms", "1777", "--size", str(64 * MB), "--tmpfs", "/tmp",
+            "--perms", "0777", "--size", str(workdir_mb * MB), "--tmpfs", WORKDIR]
+    for path in [*python_dirs(), *map(str, ro)]:
+        view += _parents(path, made) + ["--ro-bind", path, path]
+    for path in map(str, rw):
+        view += _parents(path, made) + ["--bind", path, path]
+    namespaces = ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
+    namespaces += [] if network else ["--unshare-net"]
+    inside, outside = str(SANDBOX_UID), str(uid if uid is not None else host_uid())
+    inner = ["bwrap", "--unshare-user", "--disable-userns", "--uid", inside, "--gid", inside,
+             "--die-with-parent", "--cap-drop", "ALL", "--chdir", cwd]
+    if os.geteuid() != 0:
+        return inner + namespaces + view + ["--", *command]
+    outer = ["bwrap", *namespaces, *view, "--cap-drop", "ALL",  # keep only what setpriv needs
+             *[a for cap in ("CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP") for a in ("--cap-add", cap)]]
+    drop = ["setpriv", f"--reuid={outside}", f"--regid={outside}", "--clear-groups", "--inh-caps=-all",
+            "--bounding-set=-all", "--"]
+    return outer + drop + inner + ["--dev-bind", "/", "/", "--", *command]  # /dev: the outer one
+
+
+@functools.cache
+def boundary_error() -> str | None:
+    """Why no boundary can be made here (None: it works). Tried once per process."""
+    if os.environ.get(INSIDE_ENV):
+        return None  # already inside one
+    missing = [tool for tool in ("bwrap", "setpriv") if shutil.which(tool) is None
+               and (tool == "bwrap" or os.geteuid() == 0)]
+    if missing:
+        return f"{' and '.join(missing)} not found"
+    probe = boundary_argv([sys.executable, "-I", "-S", "-c", "import os; print(os.getuid())"])
+    try:
+        done = subprocess.run(probe, capture_output=True, text=True, timeout=30,
+                              env={"PATH": "/usr/bin:/bin"})
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"bwrap could not start ({exc})"
+    if done.stdout.strip() != str(SANDBOX_UID):
+        return f"bwrap failed: {(done.stderr.strip().splitlines() or ['no output'])[-1]}"
+    return None
+
+
+def child_env(home: str, **extra: str) -> dict:
+    """A minimal environment: a few locale variables of the parent's, no tokens or keys."""
+    env = {k: os.environ[k] for k in ENV_ALLOW if k in os.environ}
+    env.update(PATH=f"{Path(sys.executable).parent}:/usr/bin:/bin", HOME=home, TMPDIR="/tmp",
+               PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
+               MKL_NUM_THREADS="1", MPLBACKEND="Agg", MPLCONFIGDIR=home, **{INSIDE_ENV: "1"})
+    env.update(extra)
+    env.setdefault("LANG", "C.UTF-8")
+    return env
+
+
+def isolation() -> dict:
+    """What ``run_python`` gets on this machine, measured from inside (for the lessons to show)."""
+    why = boundary_error()
+    if why is not None:
+        return {"level": "none", "why": why,
+                "what to do": f"{INSTALL_HINT}; until then run_python refuses model code "
+                              "unless you pass unsandboxed=True"}
+    probe = run_python(
+        "import os\nstatus = dict(l.split(':', 1) for l in open('/proc/self/status'))\n"
+        "nics = [l.split(':')[0].strip() for l in open('/proc/net/dev').read().splitlines()[2:]]\n"
+        "pids = [p for p in os.listdir('/proc') if p.isdigit()]\n"
+        "print(os.getuid(), int(status['CapEff'], 16), ','.join(nics), len(pids), sorted(os.listdir('/')))",
+        timeout=20)
+    uid, caps, nics, pids, root = probe.output.strip().split(" ", 4)
+    nested = bool(os.environ.get(INSIDE_ENV))
+    return {"level": "os",
+            "boundary": "the course sandbox this code already runs in" if nested else
+                        "bubblewrap: own pid, network, ipc, uts and mount namespaces",
+            "runs as": f"uid {uid}, {'no' if caps == '0' else 'some'} capabilities",
+            "network": "none (loopback only)" if nics in ("lo", "") else f"interfaces: {nics}",
+            "processes it can see": f"{pids} (its own)",
+            "files it can see": root,
+            "limits": "wall time, CPU, memory, file size, processes, output",
+            "environment": "rebuilt: no tokens or keys, HOME = its own folder"}
+
+
+# ---- running Python ------------------------------------------------------------------------------
+
+def _child_main() -> None:
+    """Inside: save the code (from stdin) as main.py and run it; exit 3 with a learner-only traceback."""
     import os
     import sys
     import traceback
 
-    code = compile(open("main.py", encoding="utf-8").read(), "main.py", "exec")
+    source = sys.stdin.read()
+    sys.stdin = open(os.devnull)
+    with open("main.py", "w", encoding="utf-8") as f:
+        f.write(source)
+    sys.path.insert(0, os.getcwd())
     try:
+        code = compile(source, "main.py", "exec")
         exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
     except SystemExit as exc:
         if exc.code not in (0, None):
             raise
     except BaseException as exc:
         frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == "main.py"]
-        print("Traceback (most recent call last):", file=sys.stderr)
-        print("".join(traceback.format_list(frames)), end="", file=sys.stderr)
-        line = "".join(traceback.format_exception_only(type(exc), exc)).strip().splitlines()[-1]
-        print(line, file=sys.stderr)
+        if frames:
+            print("Traceback (most recent call last):", file=sys.stderr)
+            print("".join(traceback.format_list(frames)), end="", file=sys.stderr)
+        print("".join(traceback.format_exception_only(type(exc), exc)).rstrip(), file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(3)  # 3 = the learner's code raised; the error line is the last output line
 
 
-def _boot(config_json: str) -> None:
-    """The child's entry point: isolate, limit, guard, then run the learner's code."""
-    import json
-    import os
-    import sys
-
-    cfg = json.loads(config_json)
-    if not cfg["network"]:
-        _child_isolate_network()
-    _child_limits(cfg)
-    os.chdir(cfg["scratch"])
-    sys.path[:0] = [cfg["scratch"]]
-    sys.addaudithook(_child_audit_hook(cfg))
-    _child_run_main()
-
-
-CHILD_CODE = (_child_isolate_network, _child_limits, _child_audit_hook, _child_run_main, _boot)
-
-
-def _drop_to() -> tuple[int | None, int | None]:
-    """``nobody``'s uid/gid when running as root and Python is readable by others; else no drop."""
-    if os.geteuid() != 0:
-        return None, None
-    import pwd
-
-    try:
-        user = pwd.getpwnam("nobody")
-    except KeyError:
-        return None, None
-    for folder in [Path(sys.executable).resolve().parent, Path(sys.prefix), Path(sys.base_prefix)]:
-        for part in [folder, *folder.parents]:
-            if part.exists() and not part.stat().st_mode & 0o001:  # others can't enter: keep root
-                return None, None
-    return user.pw_uid, user.pw_gid
-
-
-def _child_env(scratch: str) -> dict:
-    """A minimal environment: nothing of the parent's except a few locale variables."""
-    env = {k: os.environ[k] for k in ENV_ALLOW if k in os.environ}
-    env.update(PATH=f"{Path(sys.executable).parent}:/usr/bin:/bin", HOME=scratch, TMPDIR=scratch,
-               PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
-               MKL_NUM_THREADS="1", MPLBACKEND="Agg", MPLCONFIGDIR=scratch)
-    env.setdefault("LANG", "C.UTF-8")
-    return env
-
-
-def isolation() -> dict:
-    """Which layers ``run_python`` gets on this machine (for the lesson to show)."""
-    uid, _ = _drop_to()
-    # In a fresh network namespace the only interface is the loopback one, and it is down.
-    probe = run_python("print(' '.join(l.split(':')[0].strip() for l in "
-                       "open('/proc/self/net/dev').read().splitlines()[2:]))", timeout=10)
-    interfaces = probe.output.split()
-    network = ("own empty namespace + audit hook" if interfaces == ["lo"]
-               else "audit hook (no namespace here)")
-    return {"separate process, time/CPU/memory/file/process limits": "yes",
-            "runs as": "nobody" if uid else "the same user (the hook guards files)",
-            "network": network, "audit hook (files, processes, sockets)": "yes",
-            "environment": "rebuilt: no tokens or keys, HOME = scratch"}
-
-
-def _describe_exit(code: int, timed_out: bool, timeout: float, memory_mb: int) -> str:
-    if timed_out:
-        return f"timed out after {timeout:g} s: the sandbox stopped it (infinite loop?)"
-    if code < 0:
-        sig = signal.Signals(-code).name
-        why = {"SIGXCPU": "CPU time limit reached", "SIGXFSZ": "file size limit reached",
-               "SIGKILL": f"killed (memory limit {memory_mb} MB?)",
-               "SIGSEGV": f"crashed (often the {memory_mb} MB memory limit)"}.get(sig, "")
+def _describe_exit(code: int, limits: Limits) -> str:
+    if code < 0 or code > 128:  # a signal, seen directly or through bwrap's 128 + N
+        sig = signal.Signals(-code if code < 0 else code - 128).name
+        why = {"SIGXCPU": "CPU time limit reached",
+               "SIGXFSZ": f"file size limit reached (files of at most {limits.file_mb} MB)",
+               "SIGKILL": f"killed (memory limit {limits.memory_mb} MB?)",
+               "SIGSEGV": f"crashed (often the {limits.memory_mb} MB memory limit)"}.get(sig, "")
         return f"stopped by {sig}" + (f": {why}" if why else "")
     return f"exited with status {code}"
 
 
-def learner_dirs() -> list[str]:
-    """Folders holding the learner's files: home, the course checkout and the working directory.
-
-    The sandbox may not read below them, except the Python installation (a venv inside the
-    course folder) and its own scratch directory. "/" is never listed: it would hide the system.
-    """
-    from .paths import REPO_ROOT
-
-    dirs = {str(Path.home()), os.path.expanduser("~"), str(REPO_ROOT), os.getcwd()}
-    return sorted(os.path.realpath(d) for d in dirs if os.path.realpath(d) != "/")
+def _read_bounded(stream, limit: int, overflow: threading.Event, stop) -> bytearray:
+    """Read ``stream`` until EOF; past ``limit`` bytes set ``overflow`` and stop the code."""
+    data = bytearray()
+    while chunk := stream.read1(65536):
+        data += chunk[: limit - len(data)]
+        if len(data) >= limit:
+            overflow.set()
+            stop()
+            break
+    return data
 
 
 def run_python(code: str, *, timeout: float = 10, memory_mb: int = 1024, file_mb: int = 50,
-               network: bool = False) -> SandboxResult:
-    """Run ``code`` in a sandboxed Python process; ``ok``, ``output`` and ``error`` tell the result."""
+               network: bool = False, unsandboxed: bool = False) -> SandboxResult:
+    """Run ``code`` behind the OS boundary; ``ok``, ``output`` and ``error`` tell the result.
+
+    Without a boundary on this machine this raises a CourseError, unless ``unsandboxed=True``
+    (then only the limits and a fresh folder apply: the code can read and change your files).
+    """
     if not isinstance(code, str) or not code.strip():
         raise CourseError("run_python needs the code as a non-empty string.")
     if memory_mb < 128:
         raise CourseError("memory_mb below 128 leaves no room for Python itself: use 128 or more.")
-    scratch = tempfile.mkdtemp(prefix="sandbox-")
-    logdir = tempfile.mkdtemp(prefix="sandbox-log-")  # outside scratch: the code can't touch it
-    uid, gid = _drop_to()
-    try:
-        Path(scratch, "main.py").write_text(code, encoding="utf-8")
-        if uid is not None:
-            os.chown(scratch, uid, gid)
-            os.chown(Path(scratch, "main.py"), uid, gid)
-        python_dirs = sorted({sys.prefix, sys.base_prefix, sys.exec_prefix,
-                              str(Path(sys.executable).resolve().parent.parent)})
-        config = {"scratch": os.path.realpath(scratch), "memory_mb": memory_mb,
-                  "cpu_s": int(timeout) + 2, "file_mb": file_mb, "nproc": 64, "network": network,
-                  "uid": uid, "gid": gid, "may_read": python_dirs + [os.path.realpath(scratch)],
-                  "no_read": learner_dirs()}
-        return _run_child(config, scratch, logdir, timeout, memory_mb)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-        shutil.rmtree(logdir, ignore_errors=True)
+    limits = Limits(timeout=timeout, memory_mb=memory_mb, file_mb=file_mb)
+    python = [sys.executable, "-I", "-B", "-c", inspect.getsource(_child_main) + "\n_child_main()\n"]
+    why = boundary_error()
+    if why is None and not os.environ.get(INSIDE_ENV):
+        return _run(boundary_argv(python, network=network, workdir_mb=limits.workdir_mb),
+                    code, limits, cwd=None, home=WORKDIR)
+    if why is not None and not unsandboxed:
+        raise CourseError(f"No operating-system sandbox on this machine ({why}): {INSTALL_HINT}. "
+                          "To run the code anyway, knowing it can read and change your files, pass "
+                          "unsandboxed=True.")
+    with tempfile.TemporaryDirectory(prefix="sandbox-") as scratch:  # inside the boundary, or opted out
+        return _run(python, code, limits, cwd=scratch, home=scratch)
 
 
-def _run_child(config: dict, scratch: str, logdir: str, timeout: float,
-               memory_mb: int) -> SandboxResult:
-    boot = "\n\n".join(inspect.getsource(f) for f in CHILD_CODE)
-    boot += f"\n\n_boot({json.dumps(json.dumps(config))})\n"
-    log_path = Path(logdir, "output.txt")
-    start, timed_out = time.perf_counter(), False
-    with open(log_path, "w+b") as log:
-        proc = subprocess.Popen([sys.executable, "-I", "-B", "-c", boot], cwd=scratch,
-                                env=_child_env(scratch), stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+def _run(argv: list[str], code: str, limits: Limits, *, cwd: str | None, home: str) -> SandboxResult:
+    start, overflow = time.perf_counter(), threading.Event()
+    proc = subprocess.Popen(argv, cwd=cwd, env=child_env(home), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=limits.apply, start_new_session=True)
+
+    def stop():
         try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.seek(0)
-        output = log.read(MAX_OUTPUT_CHARS * 4).decode("utf-8", errors="replace")
-    if len(output) > MAX_OUTPUT_CHARS:
-        output = output[:MAX_OUTPUT_CHARS] + "\n[output truncated]"
-    seconds = time.perf_counter() - start
-    code = proc.returncode
-    if code == 0 and not timed_out:
-        return SandboxResult(True, output, None, 0, seconds)
-    if code == 3 and not timed_out:  # the learner's code raised: its last line says what
-        lines = output.rstrip().splitlines()
-        return SandboxResult(False, "\n".join(lines[:-1]), lines[-1] if lines else "error", 3, seconds)
-    return SandboxResult(False, output, _describe_exit(code, timed_out, timeout, memory_mb),
-                         code, seconds)
+            os.killpg(proc.pid, signal.SIGKILL)  # bwrap's pid namespace takes everything else down
+        except ProcessLookupError:
+            pass
+
+    output: list[bytearray] = []
+    reader = threading.Thread(target=lambda: output.append(
+        _read_bounded(proc.stdout, MAX_OUTPUT_CHARS * 4, overflow, stop)), daemon=True)
+    reader.start()
+    try:
+        proc.stdin.write(code.encode("utf-8"))
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass  # it died before reading: the exit status says why
+    timed_out = False
+    try:
+        proc.wait(limits.timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+    finally:
+        stop()
+        proc.wait()
+        reader.join(5)
+        proc.stdout.close()
+    text = bytes(output[0] if output else b"").decode("utf-8", errors="replace")
+    if len(text) > MAX_OUTPUT_CHARS:
+        text = text[:MAX_OUTPUT_CHARS] + "\n[output truncated]"
+    seconds, rc = time.perf_counter() - start, proc.returncode
+    if overflow.is_set():
+        return SandboxResult(False, text, f"output limit reached: it printed more than "
+                             f"{MAX_OUTPUT_CHARS:,} characters and was stopped (print a summary)", rc, seconds)
+    if timed_out:
+        return SandboxResult(False, text, f"timed out after {limits.timeout:g} s: the sandbox stopped "
+                             "it (infinite loop?)", rc, seconds)
+    if rc == 0:
+        return SandboxResult(True, text, None, 0, seconds)
+    if rc == 3:  # the learner's code raised: its last line says what
+        return SandboxResult(False, *_split_error(text, limits), 3, seconds)
+    return SandboxResult(False, text, _describe_exit(rc, limits), rc, seconds)
+
+
+def _split_error(text: str, limits: Limits) -> tuple[str, str]:
+    """(output, error line) of a run that raised; forked children may have printed after it."""
+    lines = text.rstrip().splitlines()
+    at = max((i for i, line in enumerate(lines) if line[:1].strip() and
+              not line.startswith("Traceback (")), default=len(lines) - 1)
+    error = lines[at] if lines else "error"
+    if "[Errno 27]" in error:  # EFBIG: Python ignores SIGXFSZ, so the write fails instead
+        error += f" (the sandbox's file size limit is {limits.file_mb} MB)"
+    elif "[Errno 11]" in error and "fork" in text:
+        error += f" (the sandbox's process limit is {limits.nproc})"
+    return "\n".join(lines[:at] + lines[at + 1:]), error

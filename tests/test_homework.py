@@ -178,23 +178,34 @@ def test_grader_reads_checks_names_and_crashes(fixture_grades):
     assert got[("Alice", "L1.max_context")] == (False, "1000 tokens fit, but so do 1% more: "
                                                        "find the largest context")
     assert got[("bob", "L1.env")][0]  # no name given: the submission folder names the student
-    assert got[("bob", "L1.memory")] == (False, "never checked: the notebook stopped "
-                                                "(RuntimeError: boom)")
+    # bob's extra cell raising RuntimeError('boom') is not a task cell: the grader never runs it
+    assert got[("bob", "L1.memory")][0]
     assert got[("Carol", "L1.env")][1].startswith("your code raised TypeError")
-    assert got[("Carol", "L1.max_context")] == (False, "never checked: the check cell did not run")
+    # Carol deleted her last check cell: the grader's own copy checks the task anyway
+    assert got[("Carol", "L1.max_context")][1].startswith("not done yet (TODO:")
     assert len(table) == 9 and set(table.lesson) == {1}
-    assert (out / "alice" / "01_internlm_stack.ipynb").is_file()  # executed copy for the TA
+    assert (out / "alice" / "01_internlm_stack.ipynb").is_file()  # the notebook that ran, for the TA
 
 
-def test_grader_table_and_cli_json(fixture_grades, capsys, monkeypatch):
+def test_grader_table(fixture_grades):
     table, _ = fixture_grades
     text = grading.format_table(table)
     assert text.splitlines()[0].split() == grading.COLUMNS
-    assert "Alice: 2/3 tasks passed" in text and "bob: 1/3 tasks passed" in text
-    monkeypatch.setattr(grading, "grade", lambda paths, **kw: table)  # the run itself is tested above
-    assert grading.main([str(FIXTURES), "--json"]) == 0
-    rows = json.loads(capsys.readouterr().out)
-    assert {k for row in rows for k in row} >= set(grading.COLUMNS) and len(rows) == 9
+    assert "Alice: 2/3 tasks passed" in text and "bob: 2/3 tasks passed" in text
+
+
+def test_grade_command_end_to_end(tmp_path):
+    """`python -m course_utils grade ... --json` as a TA types it."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "course_utils", "grade", str(FIXTURES / "alice"),
+                           "--json", "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=600, cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)
+    assert {k for row in rows for k in row} >= set(grading.COLUMNS) and len(rows) == 3
+    assert [r["passed"] for r in rows] == [True, True, False] and rows[0]["student"] == "Alice"
 
 
 def test_grader_rejects_empty_and_wrong_paths(tmp_path, capsys):
@@ -352,15 +363,3 @@ def test_untrained_or_unquantized_model_fails(tmp_path, tiny_model_dir):
     assert "no QuantLinear" in homework.run_check("L5.w4a16", plain).detail
 
 
-def test_grade_arguments_fit_a_subcommand(monkeypatch):
-    """What course_utils/__main__.py wires up: a `grade` subparser using grading.add_arguments/run."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m course_utils")
-    grading.add_arguments(parser.add_subparsers(dest="command").add_parser("grade"))
-    args = parser.parse_args(["grade", "homework/", "--json", "--timeout", "60"])
-    assert (args.paths, args.json, args.timeout, args.out) == (["homework/"], True, 60, "build/graded")
-    seen = {}
-    monkeypatch.setattr(grading, "grade", lambda paths, **kw: seen.update(paths=paths, **kw) or
-                        __import__("pandas").DataFrame(columns=grading.COLUMNS + ["notebook"]))
-    assert grading.run(args) == 0 and seen["paths"] == ["homework/"] and seen["timeout"] == 60
