@@ -9,6 +9,8 @@ that does.
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 import re
 import sys
 import threading
@@ -17,6 +19,21 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from .errors import CourseError
+
+_ROLES = ("system", "user", "assistant")
+_MIN_PROMPT = 16  # tokens: with less room than this no message fits beside the chat template
+# The names other libraries use for a setting, so an "unknown setting" error can say ours.
+_ALIASES = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens",
+            "max_length": "max_new_tokens"}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+            and math.isfinite(value))
 
 
 @dataclass
@@ -28,6 +45,29 @@ class Generation:
     top_p: float = 1.0
     repetition_penalty: float = 1.1  # small models loop without it
 
+    def __post_init__(self):
+        # Every way to set these (Generation(...), load()/remote() keywords, per-call overrides via
+        # _merge, the widget's sliders) builds a Generation, so this is the one check, and it runs
+        # before any generation: transformers would otherwise fail mid-call or, worse, accept
+        # nonsense (a negative temperature meant greedy, top_p=5 no cut at all).
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise CourseError(f"max_new_tokens={self.max_new_tokens!r:.40}: use a whole number of "
+                              "tokens to generate, 1 or more (e.g. max_new_tokens=256).")
+        # 2 is what OpenAI-compatible servers (LMDeploy) accept; the same session code runs on both.
+        if not _is_number(self.temperature) or not 0 <= self.temperature <= 2:
+            raise CourseError(f"temperature={self.temperature!r:.40}: use a number from 0 to 2 (0 = "
+                              "greedy, the same reply every time; about 0.7 for varied replies).")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise CourseError(f"top_p={self.top_p!r:.40}: use a number above 0 and at most 1 (1 = no "
+                              "cut; 0.8 samples only from the likeliest tokens that make up 80%).")
+        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise CourseError(f"repetition_penalty={self.repetition_penalty!r:.40}: use a number above "
+                              "0 (1.0 = no penalty; 1.1 keeps small models from looping).")
+        # Plain Python numbers: numpy's int64/float32 (a notebook's sweep) break the JSON request.
+        self.max_new_tokens = int(self.max_new_tokens)
+        self.temperature, self.top_p = float(self.temperature), float(self.top_p)
+        self.repetition_penalty = float(self.repetition_penalty)
+
 
 def default_generation() -> Generation:
     """Greedy in the tiny profile (stored outputs must be reproducible), sampled on a GPU."""
@@ -38,11 +78,61 @@ def default_generation() -> Generation:
 
 
 def _merge(base: Generation, overrides: dict) -> Generation:
+    """``base`` with ``overrides``, checked (a new Generation, so also a base changed by hand)."""
+    if not isinstance(base, Generation):
+        raise CourseError(f"generation= takes a Generation(...), not a {type(base).__name__}: e.g. "
+                          "Generation(temperature=0.7), or pass the settings as keywords "
+                          "(ChatSession.load(..., temperature=0.7)).")
     known = {f.name for f in fields(Generation)}
     unknown = set(overrides) - known
     if unknown:
-        raise CourseError(f"Unknown generation setting(s) {sorted(unknown)}; use {sorted(known)}.")
+        hint = "".join(f" ({name} is called {_ALIASES[name]} here)" for name in sorted(unknown)
+                       if name in _ALIASES)
+        raise CourseError(f"Unknown generation setting(s) {sorted(unknown)}; use {sorted(known)}.{hint}")
     return replace(base, **overrides)
+
+
+def _check_budget(context_tokens: int, gen: Generation) -> None:
+    if context_tokens - gen.max_new_tokens < _MIN_PROMPT:
+        raise CourseError(f"max_new_tokens={gen.max_new_tokens} leaves no room for the prompt in a "
+                          f"{context_tokens}-token context: lower max_new_tokens, or raise "
+                          "context_tokens.")
+
+
+def _check_context_tokens(value, limit: int | None = None) -> None:
+    if value is None:
+        return
+    if not _is_int(value) or value < 1:
+        raise CourseError(f"context_tokens={value!r}: use a whole number of tokens the model sees at "
+                          "once (prompt + reply), e.g. 2048, or None for the default.")
+    if limit and value > limit:
+        raise CourseError(f"context_tokens={value} is more than this model's {limit}-token limit "
+                          f"(max_position_embeddings in its config.json): use at most {limit}, or "
+                          "None.")
+
+
+def _check_system_prompt(value) -> None:
+    if value is not None and not isinstance(value, str):
+        raise CourseError(f"system_prompt={value!r:.80}: use a string (or None for no system prompt).")
+
+
+def _check_messages(messages: list, name: str) -> None:
+    """Each item a ``{"role", "content"}`` dict the chat template can render."""
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise CourseError(f"{name}[{i}] is a {type(message).__name__}, not a dict: each message "
+                              "is {'role': 'user', 'content': '...'}.")
+        if "role" not in message:
+            raise CourseError(f"{name}[{i}] has no 'role': add 'role': 'user' (or 'system' / "
+                              "'assistant').")
+        if message["role"] not in _ROLES:
+            raise CourseError(f"{name}[{i}]['role']={message['role']!r:.40}: use 'system', 'user' "
+                              "or 'assistant'.")
+        if "content" not in message:
+            raise CourseError(f"{name}[{i}] has no 'content': add the message text as 'content'.")
+        if not isinstance(message["content"], str):
+            raise CourseError(f"{name}[{i}]['content'] is {type(message['content']).__name__}, not "
+                              "text: pass the message as a string.")
 
 
 class _LocalBackend:
@@ -135,12 +225,23 @@ class _RemoteBackend:
         except openai.APIConnectionError as exc:
             raise CourseError(f"Cannot reach the chat server at {self.client.base_url}: start it "
                               "(serving.serve) or check the URL.") from exc
+        except openai.AuthenticationError as exc:
+            raise CourseError(f"The chat server at {self.client.base_url} refused the API key: pass "
+                              "api_key= (the key it was started with) to ChatSession.remote.") from exc
+        except openai.APIStatusError as exc:
+            raise CourseError(f"The chat server at {self.client.base_url} refused the request (HTTP "
+                              f"{exc.status_code}) for model {self.model!r}: check model= against its "
+                              "/v1/models list; its log says why (Server.log_tail()).") from exc
         try:
             for chunk in response:
                 if stop.is_set():
                     break
                 if chunk.choices and chunk.choices[0].delta.content:
                     yield chunk.choices[0].delta.content
+        except openai.APIError as exc:
+            raise CourseError(f"The chat server at {self.client.base_url} broke off the reply "
+                              f"({type(exc).__name__}): read its log (Server.log_tail()), then ask "
+                              "again.") from exc
         finally:
             response.close()
 
@@ -150,9 +251,10 @@ class ChatSession:
 
     def __init__(self, backend, *, system_prompt: str | None = None,
                  generation: Generation | None = None, on_notice: Callable[[str], None] | None = None):
+        _check_system_prompt(system_prompt)
         self.backend = backend
         self.system_prompt = system_prompt
-        self.generation = generation or default_generation()
+        self.generation = default_generation() if generation is None else _merge(generation, {})
         self.history: list[dict] = []
         self.notices: list[str] = []
         self.on_notice = on_notice or (lambda msg: print(msg, file=sys.stderr))
@@ -162,17 +264,28 @@ class ChatSession:
     def load(cls, model=None, *, adapter: str | Path | None = None, system_prompt: str | None = None,
              context_tokens: int | None = None, **generation) -> "ChatSession":
         """A session over a local model: the profile's, a registry name, a folder, or ``(model, tokenizer)``."""
-        from .models import load_model
+        from .models import load_model, read_config, resolve
 
+        # Everything is checked before the (slow) model load; the context limit comes from
+        # config.json, which needs no load.
+        _check_context_tokens(context_tokens)
+        _check_system_prompt(system_prompt)
+        gen = _merge(default_generation(), generation)
         if adapter is not None:
-            _check_adapter(adapter)  # before the (slow) model load
+            _check_adapter(adapter)
+        if isinstance(model, tuple):
+            _check_model_pair(model)
+            limit = getattr(model[0].config, "max_position_embeddings", None)
+        else:
+            model = resolve(model)  # names and folders are checked there
+            limit = read_config(model).get("max_position_embeddings")
+        _check_context_tokens(context_tokens, limit)
+        context = context_tokens or min(limit or 2048, 4096)
+        _check_budget(context, gen)
         mdl, tok = model if isinstance(model, tuple) else load_model(model)
         if adapter is not None:
             mdl = _with_adapter(mdl, adapter)
-        limit = getattr(mdl.config, "max_position_embeddings", None) or 2048
-        backend = _LocalBackend(mdl, tok, context_tokens or min(limit, 4096))
-        return cls(backend, system_prompt=system_prompt,
-                   generation=_merge(default_generation(), generation))
+        return cls(_LocalBackend(mdl, tok, context), system_prompt=system_prompt, generation=gen)
 
     @classmethod
     def remote(cls, url, model: str | None = None, *, api_key: str | None = None,
@@ -184,7 +297,23 @@ class ChatSession:
 
         if hasattr(url, "base_url"):  # a serving.Server
             model, api_key, url = model or url.model, api_key or url.api_key, url.base_url
-        url = url.rstrip("/")
+        if not isinstance(url, str) or not url.strip().startswith(("http://", "https://")):
+            raise CourseError(f"url={url!r:.80}: pass the server's address with http://, e.g. "
+                              "'http://127.0.0.1:23333/v1', or the Server that serving.serve() "
+                              "returned.")
+        if model is not None and (not isinstance(model, str) or not model.strip()):
+            raise CourseError(f"model={model!r:.80}: pass the name the server serves (Server.model, or "
+                              "one from its /v1/models list), or leave model out to use the server's "
+                              "first model.")
+        if api_key is not None and not isinstance(api_key, str):  # no repr: it may be a secret
+            raise CourseError(f"api_key is a {type(api_key).__name__}: use a string (the key the "
+                              "server was started with), or None.")
+        _check_context_tokens(context_tokens)
+        _check_system_prompt(system_prompt)
+        gen = _merge(default_generation(), generation)
+        context = context_tokens or 4096
+        _check_budget(context, gen)
+        url = url.strip().rstrip("/")
         base = url if url.endswith("/v1") else f"{url}/v1"
         client = openai.OpenAI(base_url=base, api_key=api_key or "EMPTY", max_retries=0)
         if model is None:
@@ -193,9 +322,15 @@ class ChatSession:
             except (openai.APIConnectionError, IndexError) as exc:
                 raise CourseError(f"Cannot list models at {base}: is the server running? "
                                   "Or pass model= explicitly.") from exc
-        backend = _RemoteBackend(client, model, context_tokens)
-        return cls(backend, system_prompt=system_prompt,
-                   generation=_merge(default_generation(), generation))
+            except openai.AuthenticationError as exc:
+                raise CourseError(f"The server at {base} refused the API key: pass api_key= (the "
+                                  "key it was started with).") from exc
+            except openai.APIStatusError as exc:
+                raise CourseError(f"The server at {base} answered HTTP {exc.status_code} to GET "
+                                  "/models: check the URL (the server's address, ending in /v1), "
+                                  "or pass model= explicitly.") from exc
+        backend = _RemoteBackend(client, model, context)
+        return cls(backend, system_prompt=system_prompt, generation=gen)
 
     def messages(self, history: list[dict] | None = None) -> list[dict]:
         """The message list sent to the model: system prompt first, then ``history``."""
@@ -208,10 +343,18 @@ class ChatSession:
 
     def _fit(self, history: list[dict], gen: Generation) -> list[dict]:
         """Drop the oldest turns (then clip the last message) until prompt + reply fit the context."""
+        _check_budget(self.backend.context_tokens, gen)
         budget = self.backend.context_tokens - gen.max_new_tokens
-        if budget < 16:
-            raise CourseError(f"max_new_tokens={gen.max_new_tokens} leaves no room for the prompt "
-                              f"in a {self.backend.context_tokens}-token context: lower it.")
+        if self.system_prompt:
+            # Clipping the message cannot help when the system prompt alone fills the budget.
+            system = self.backend.count_tokens(self.messages([]))
+            if system > budget - _MIN_PROMPT:
+                raise CourseError(
+                    f"The system prompt is about {system} tokens, too long for the {budget}-token "
+                    f"prompt budget (context_tokens={self.backend.context_tokens} minus "
+                    f"max_new_tokens={gen.max_new_tokens}) with room left for the message: shorten "
+                    f"system_prompt by at least {system - budget + _MIN_PROMPT} tokens, lower "
+                    "max_new_tokens, or raise context_tokens.")
         history, dropped = list(history), 0
         while len(history) > 1 and self.backend.count_tokens(self.messages(history)) > budget:
             history.pop(0)
@@ -238,21 +381,35 @@ class ChatSession:
     def ask(self, text: str, stream: bool = False, **gen) -> str | Iterator[str]:
         """Send ``text``; returns the reply, or with ``stream=True`` an iterator of text chunks."""
         if not isinstance(text, str) or not text.strip():
-            raise CourseError("ask() needs a non-empty message string.")
-        chunks = self._ask_stream(text, _merge(self.generation, gen))
+            raise CourseError(f"ask() needs the message as a non-empty string, not {text!r:.60}.")
+        if not isinstance(stream, bool):  # ask(text, 200) reads as a length but means stream=True
+            raise CourseError(f"stream={stream!r:.40}: use True or False; pass generation settings "
+                              "by name, e.g. ask(text, max_new_tokens=200).")
+        settings = _merge(self.generation, gen)
+        _check_system_prompt(self.system_prompt)
+        _check_messages(self.history, "history")
+        user = {"role": "user", "content": text}
+        # Fitted here, not on the first next(): with stream=True a bad prompt fails at the call.
+        prompt = self.messages(self._fit(self.history + [user], settings))
+        chunks = self._ask_stream(user, prompt, settings)
         return chunks if stream else "".join(chunks).strip()
 
-    def _ask_stream(self, text: str, gen: Generation) -> Iterator[str]:
-        user = {"role": "user", "content": text}
-        prompt = self.messages(self._fit(self.history + [user], gen))  # may raise: history untouched
-        self.history.append(user)
+    def _ask_stream(self, user: dict, prompt: list[dict], gen: Generation) -> Iterator[str]:
+        # The turn goes into the history only when the reply ends: finished, stop(), or the
+        # consumer leaving the loop (GeneratorExit) keep the (partial) reply; an error keeps
+        # nothing, so a retry does not send a dangling question or an empty answer.
         parts: list[str] = []
+        failed = False
         try:
             for piece in self._stream(prompt, gen):
                 parts.append(piece)
                 yield piece
-        finally:  # also on stop() or when the consumer breaks: keep the partial reply
-            self.history.append({"role": "assistant", "content": "".join(parts).strip()})
+        except BaseException as exc:
+            failed = not isinstance(exc, GeneratorExit)
+            raise
+        finally:
+            if not failed:
+                self.history += [user, {"role": "assistant", "content": "".join(parts).strip()}]
 
     def stop(self) -> None:
         """End a running generation early; the partial reply stays in the history."""
@@ -264,7 +421,35 @@ class ChatSession:
 
     def complete(self, messages: list[dict], **gen) -> str:
         """A stateless reply to ``messages`` (the session's history is not touched)."""
-        return "".join(self._stream(list(messages), _merge(self.generation, gen))).strip()
+        if not isinstance(messages, list):
+            raise CourseError(f"complete() takes a list of messages, e.g. [{{'role': 'user', "
+                              f"'content': 'Hi'}}], not a {type(messages).__name__}: wrap one "
+                              "message in [...], or use ask(text) for a chat turn.")
+        if not messages:
+            raise CourseError("complete() got an empty message list: pass at least one message, "
+                              "e.g. [{'role': 'user', 'content': 'Hi'}].")
+        _check_messages(messages, "messages")
+        settings = _merge(self.generation, gen)
+        _check_budget(self.backend.context_tokens, settings)
+        # No trimming here (the caller chose these messages), so an overflow is the caller's to fix.
+        size = self.backend.count_tokens(messages)
+        over = size + settings.max_new_tokens - self.backend.context_tokens
+        if over > 0:
+            raise CourseError(f"The messages are about {size} tokens; with max_new_tokens="
+                              f"{settings.max_new_tokens} that is {over} more than the "
+                              f"{self.backend.context_tokens}-token context: send fewer or shorter "
+                              "messages, or lower max_new_tokens.")
+        return "".join(self._stream(list(messages), settings)).strip()
+
+
+def _check_model_pair(pair: tuple) -> None:
+    if len(pair) != 2:
+        raise CourseError(f"model= is a tuple of {len(pair)}: pass (model, tokenizer) as "
+                          "load_model() returns it, a registry name, a model folder, or None for "
+                          "the profile's model.")
+    if not hasattr(pair[0], "generate") or not hasattr(pair[1], "apply_chat_template"):
+        raise CourseError("model=(model, tokenizer) needs the model (with generate()) first and its "
+                          "tokenizer second, in that order, as load_model() returns them.")
 
 
 def _check_adapter(adapter: str | Path) -> None:
@@ -285,10 +470,18 @@ def _with_adapter(model, adapter: str | Path):
 
 def cli_chat(session, inputs: Iterable[str] | None = None, *, quit_words=("exit", "quit")) -> None:
     """The tutorials' terminal chat loop; ``inputs`` replaces ``input()`` so it can run unattended."""
+    if isinstance(inputs, str):  # iterating it would send one character per turn
+        raise CourseError(f"inputs= takes a list of messages, e.g. ['Hi', 'exit'], not one string: "
+                          f"write inputs=[{inputs!r:.40}].")
     source = iter(inputs) if inputs is not None else iter(lambda: input("User  >>> "), None)
     for text in source:
+        if not isinstance(text, str):
+            raise CourseError(f"inputs holds a {type(text).__name__} ({text!r:.40}): each input is "
+                              "one message string.")
         if inputs is not None:
             print(f"User  >>> {text}")
+        if not text.strip():  # Enter on an empty line: ask again rather than end the chat
+            continue
         if text.strip().lower() in quit_words:
             print("Bye.")
             return
@@ -302,14 +495,20 @@ _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _WORD = re.compile(r"[A-Za-z0-9]+(?:['’-][A-Za-z0-9]+)*")
 
 
+def _check_language(language) -> None:
+    if language not in ("auto", "en", "zh"):
+        raise CourseError(f"language={language!r:.40}: use 'en', 'zh' or 'auto'.")
+
+
 def count_words(text: str, language: str = "auto") -> int:
     """English words; for Chinese text, characters plus any English words, as Chinese word
     processors count ("auto" picks the language by which dominates)."""
+    if not isinstance(text, str):
+        raise CourseError(f"count_words() needs text (a string), not {type(text).__name__}.")
+    _check_language(language)
     cjk, words = len(_CJK.findall(text)), len(_WORD.findall(text))
     if language == "auto":
         language = "zh" if cjk > words else "en"
-    if language not in ("en", "zh"):
-        raise CourseError(f"language={language!r}: use 'en', 'zh' or 'auto'.")
     return cjk + words if language == "zh" else words
 
 
@@ -323,6 +522,16 @@ class Story:
 def write_story(session, topic: str, min_words: int = 300, *, language: str = "auto",
                 max_rounds: int = 8) -> Story:
     """Ask for a story about ``topic`` and keep asking to continue until it has ``min_words``."""
+    # All checked before the first (slow) model call, which a bad value would otherwise waste.
+    if not isinstance(topic, str) or not topic.strip():
+        raise CourseError(f"topic={topic!r:.60}: say what the story is about, e.g. "
+                          "write_story(chat, 'a brave robot').")
+    if not _is_int(min_words) or min_words < 1:
+        raise CourseError(f"min_words={min_words!r:.40}: use a whole number above 0, e.g. 300.")
+    if not _is_int(max_rounds) or max_rounds < 1:
+        raise CourseError(f"max_rounds={max_rounds!r:.40}: use a whole number, 1 or more (each "
+                          "round is one model call).")
+    _check_language(language)
     if language == "auto":
         language = "zh" if _CJK.search(topic) else "en"
     first = (f"请写一个关于「{topic}」的故事，不少于 {min_words} 字。" if language == "zh" else

@@ -8,8 +8,11 @@ summary tables and ``export_opencompass_config`` here need no model.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
+import numbers
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,9 +51,36 @@ class EvalDataset:
         return len(self.records)
 
 
+READER_KEYS = ("input_columns", "output_column", "train_split", "test_split")  # what meta.json may set
+_JSON_KINDS = {dict: "object", list: "array", str: "string", int: "number", float: "number",
+               bool: "true/false", type(None): "null"}
+
+
+def _kind(value) -> str:
+    """A value's type as JSON spells it ("array", "null"): what the learner sees in the file."""
+    return _JSON_KINDS.get(type(value), type(value).__name__)
+
+
+def _shown(path) -> str:
+    """A path for a message: repo-relative inside the repo, where course_en/val.jsonl and
+    course_zh/val.jsonl would otherwise both read as val.jsonl."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def _snippet(value) -> str:
+    return json.dumps(value, ensure_ascii=False)[:40]
+
+
 def list_datasets() -> list[str]:
     """The dataset names under ``data/eval/``."""
     return sorted(p.name for p in EVAL_DIR.iterdir() if (p / "meta.json").is_file())
+
+
+def _whole(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def parse_range(test_range, n: int) -> slice:
@@ -58,9 +88,18 @@ def parse_range(test_range, n: int) -> slice:
     if test_range is None:
         return slice(None)
     if isinstance(test_range, slice):
+        parts = (test_range.start, test_range.stop, test_range.step)
+        if test_range.step == 0 or not all(x is None or _whole(x) for x in parts):
+            raise CourseError(f"test_range={test_range!r} is not a usable slice: start, stop and step must be "
+                              "whole numbers (a step of 1 or more), e.g. slice(0, 20).")
         return test_range
-    if isinstance(test_range, int):
-        return slice(0, test_range)
+    if _whole(test_range):
+        if test_range < 0:
+            raise CourseError(f"test_range={test_range}: a number means the first n questions, so it cannot be "
+                              f"negative. Use {-test_range} for the first {-test_range}, or "
+                              f"'[{test_range}:]' for the last {-test_range}.")
+        return slice(0, int(test_range))
+    # True/False and floats fall through to here: str() of them is not a slice either.
     match = re.fullmatch(r"\s*\[\s*(-?\d*)\s*:\s*(-?\d*)\s*\]\s*", str(test_range))
     if not match:
         raise CourseError(f"test_range={test_range!r} is not a slice. Write it like OpenCompass: "
@@ -69,44 +108,157 @@ def parse_range(test_range, n: int) -> slice:
     return slice(start, stop)
 
 
+def _bad_field(line: str) -> str:
+    """", field 'x'" for the field of a JSON-object line whose bytes did not decode (now U+FFFD)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return ""
+    fields = [k for k, v in record.items() if "\ufffd" in f"{k}{v}"] if isinstance(record, dict) else []
+    return f", field {fields[0]!r}," if fields else ""
+
+
+def _read_text(path: Path) -> str:
+    """A file's text; one saved in another encoding (Latin-1, GBK) is an error naming its first bad line."""
+    data = path.read_bytes()
+    data = data[3:] if data.startswith(b"\xef\xbb\xbf") else data  # Notepad's BOM is harmless
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        lineno = data[:exc.start].count(b"\n") + 1
+        line = data.split(b"\n")[lineno - 1].decode("utf-8", errors="replace")
+        raise CourseError(f"{_shown(path)} line {lineno}{_bad_field(line)} is not UTF-8 text (byte "
+                          f"0x{data[exc.start]:02x}): the file was saved in another encoding (Latin-1, GBK, "
+                          f"...). Save it as UTF-8, e.g. `iconv -f latin1 -t utf-8 {path.name} > "
+                          f"fixed{path.suffix}`.") from None
+
+
 def _read_jsonl(path: Path, reader: ReaderConfig) -> list[dict]:
-    records = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    records, first_line = [], {}
+    # split("\n"), not splitlines(): JSON strings may hold U+2028 and other characters splitlines breaks at.
+    for lineno, line in enumerate(_read_text(path).split("\n"), 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise CourseError(f"{path.name} line {lineno} is not valid JSON ({exc.msg}). "
+            raise CourseError(f"{_shown(path)} line {lineno} is not valid JSON ({exc.msg}, column {exc.colno}). "
                               "Each line must be one JSON object.") from None
-        records.append(_check_record(record, reader, f"{path.name} line {lineno}"))
+        record = _check_record(record, reader, f"{_shown(path)} line {lineno}")
+        if "id" in record:
+            if record["id"] in first_line:
+                raise CourseError(f"{_shown(path)} line {lineno} repeats id {record['id']!r} (first used on line "
+                                  f"{first_line[record['id']]}). Every record needs its own id.")
+            first_line[record["id"]] = lineno
+        records.append(record)
     if not records:
-        raise CourseError(f"{path} has no records. Add one JSON object per line.")
+        raise CourseError(f"{_shown(path)} has no records. Add one JSON object per line.")
     return records
 
 
-def _check_record(record: dict, reader: ReaderConfig, where: str) -> dict:
+def _check_record(record, reader: ReaderConfig, where: str) -> dict:
+    if not isinstance(record, dict):
+        raise CourseError(f"{where} is a JSON {_kind(record)}, not an object. Each line must be one object like "
+                          '{"question": "...", "A": "...", "B": "...", "C": "...", "D": "...", "answer": "A"}.')
     missing = [c for c in [*reader.input_columns, reader.output_column] if c not in record]
     if missing:
         raise CourseError(f"{where} lacks column(s) {missing}. C-Eval-style records need "
                           f"{reader.input_columns} and {reader.output_column!r}.")
+    for column in reader.input_columns:
+        if not isinstance(record[column], str):
+            raise CourseError(f"{where}: field {column!r} is {_snippet(record[column])}, not text. "
+                              f'Write it as a JSON string: "{column}": "...".')
+    if not record["question"].strip():
+        raise CourseError(f"{where}: field 'question' is empty. Write the question, or delete the line.")
     answer = str(record[reader.output_column]).strip().upper()
     if answer not in OPTIONS:
-        raise CourseError(f"{where}: answer {record[reader.output_column]!r} is not one of "
-                          f"{', '.join(OPTIONS)}. Write the letter of the correct option.")
-    record = dict(record, **{reader.output_column: answer})
-    record.setdefault("category", "all")
+        raise CourseError(f"{where}: field {reader.output_column!r} is {_snippet(record[reader.output_column])}, "
+                          f"not one of {', '.join(OPTIONS)}. Write the letter of the correct option.")
+    category = record.get("category", "all")
+    if not isinstance(category, str) or not category.strip():
+        raise CourseError(f"{where}: field 'category' is {_snippet(category)}, not a name. "
+                          'Write a string such as "reasoning", or leave the field out.')
+    record = {**record, reader.output_column: answer, "category": category}
+    if "id" in record:
+        if not (_whole(record["id"]) or isinstance(record["id"], str) and record["id"].strip()):
+            raise CourseError(f"{where}: field 'id' is {_snippet(record['id'])}, not an id. Write a unique "
+                              'string such as "my-set-000", or leave the field out (ids are then numbered).')
+        record["id"] = str(record["id"])  # so 7 and "7" are one id, as they are in a predictions table
     return record
+
+
+def _read_meta(folder: Path) -> dict:
+    """meta.json, checked before any record is read: it decides which files and columns are read."""
+    path = folder / "meta.json"
+    try:
+        meta = json.loads(_read_text(path))
+    except json.JSONDecodeError as exc:
+        raise CourseError(f"{_shown(path)} is not valid JSON ({exc.msg} at line {exc.lineno}, column "
+                          f"{exc.colno}). Fix it; data/eval/course_en/meta.json is a working example.") from None
+    if not isinstance(meta, dict):
+        raise CourseError(f"{_shown(path)} holds a JSON {_kind(meta)}, not an object. Write one object with "
+                          '"abbr", "language", "subjects" and "reader_cfg", like data/eval/course_en/meta.json.')
+    reader = meta.get("reader_cfg", {})
+    if not isinstance(reader, dict):
+        raise CourseError(f"{_shown(path)}: reader_cfg is a JSON {_kind(reader)}, not an object. Write it like "
+                          '{"input_columns": ["question", "A", "B", "C", "D"], "output_column": "answer", '
+                          '"train_split": "dev", "test_split": "val"}.')
+    for key in reader:
+        if key == "test_range":  # ReaderConfig has it, but load_dataset's argument always overrides it
+            raise CourseError(f"{_shown(path)}: reader_cfg.test_range is not read from meta.json. Remove it and "
+                              "pass test_range='[0:20]' to evaluate() or load_dataset().")
+        if key not in READER_KEYS:
+            guess = "".join(f" (did you mean {m!r}?)" for m in difflib.get_close_matches(key, READER_KEYS, n=1))
+            raise CourseError(f"{_shown(path)}: reader_cfg has an unknown key {key!r}{guess}. The keys it can "
+                              f"set are {', '.join(READER_KEYS)}.")
+    for key, default in (("output_column", "answer"), ("train_split", "dev"), ("test_split", "val")):
+        value = reader.get(key, default)
+        if not isinstance(value, str) or not value.strip() or "/" in value or "\\" in value:
+            raise CourseError(f"{_shown(path)}: reader_cfg.{key} is {_snippet(value)}; it must be a plain name "
+                              f"such as {default!r} (a split names a .jsonl file next to meta.json).")
+    columns = reader.get("input_columns", ["question", *OPTIONS])
+    if not isinstance(columns, list) or not all(isinstance(c, str) for c in columns) \
+            or not {"question", *OPTIONS} <= set(columns):
+        raise CourseError(f"{_shown(path)}: reader_cfg.input_columns is {_snippet(columns)}; it must be a list "
+                          f"of column names that includes {['question', *OPTIONS]} (the prompt is built from them).")
+    abbr = meta.get("abbr", folder.name)
+    if not isinstance(abbr, str) or not abbr.strip() or "/" in abbr or "\\" in abbr:
+        raise CourseError(f"{_shown(path)}: abbr is {_snippet(abbr)}; it must be a short name without slashes "
+                          f"such as {folder.name!r} (it names the results files).")
+    language = meta.get("language", "en")
+    if not isinstance(language, str) or language not in HEADERS:
+        raise CourseError(f"{_shown(path)}: language is {_snippet(language)}; the prompt wording exists for "
+                          f"{', '.join(map(repr, HEADERS))}.")
+    subjects = meta.get("subjects", {})
+    if not isinstance(subjects, dict) or not all(isinstance(v, str) for v in subjects.values()):
+        raise CourseError(f"{_shown(path)}: subjects is {_snippet(subjects)}; it must be an object from each "
+                          'category to how the prompt names it, e.g. {"reasoning": "reasoning"}.')
+    return meta
 
 
 def _locate(dataset: str | Path) -> tuple[Path, dict]:
     """(test file, meta) for a dataset name under data/eval/, a dataset folder or a JSONL file."""
+    if not isinstance(dataset, (str, os.PathLike)) or not str(dataset).strip():
+        raise CourseError(f"dataset={dataset!r}: pass a dataset name ({', '.join(list_datasets())}), a dataset "
+                          "folder, or the path of a .jsonl file.")
     path = Path(dataset)
     folder = path if path.is_dir() else EVAL_DIR / str(dataset)
     if folder.is_dir() and (folder / "meta.json").is_file():
-        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-        reader = meta.get("reader_cfg", {})
-        return folder / f"{reader.get('test_split', 'val')}.jsonl", meta
+        meta = _read_meta(folder)
+        split = meta.get("reader_cfg", {}).get("test_split", "val")
+        test_file = folder / f"{split}.jsonl"
+        if not test_file.is_file():
+            present = sorted(p.stem for p in folder.glob("*.jsonl"))
+            raise CourseError(f"{_shown(folder)} has no {split}.jsonl, the split that is scored (meta.json's "
+                              f"reader_cfg.test_split, default 'val'). Add it, or set test_split to one of the "
+                              f"splits there: {present}.")
+        return test_file, meta
+    if path.is_dir():
+        raise CourseError(f"{_shown(path)} has no meta.json, so it is not a dataset folder. Add one like "
+                          "data/eval/course_en/meta.json, or pass the path of one of its .jsonl files.")
+    if path.is_file() and path.suffix != ".jsonl":
+        raise CourseError(f"{_shown(path)} is not a .jsonl file. An evaluation set is JSON Lines: one object "
+                          "per line with question, A-D and answer, in a file ending in .jsonl.")
     if path.suffix == ".jsonl" and path.is_file():
         return path, {"abbr": path.stem}
     raise CourseError(f"Dataset {str(dataset)!r} not found. Use one of {list_datasets()} "
@@ -116,21 +268,47 @@ def _locate(dataset: str | Path) -> tuple[Path, dict]:
 def load_dataset(dataset: str | Path, *, test_range=None) -> EvalDataset:
     """Load a dataset by name (``data/eval/<name>``), folder or JSONL path, sliced by ``test_range``."""
     if isinstance(dataset, EvalDataset):
+        if test_range is not None:  # silently scoring the whole loaded set would misreport the slice
+            raise CourseError(f"test_range={test_range!r} cannot slice an already loaded dataset "
+                              f"({dataset.name}). Pass load_dataset({dataset.name!r}, test_range=...) or "
+                              "the dataset's name instead.")
         return dataset
     test_file, meta = _locate(dataset)
     reader = ReaderConfig(**{**meta.get("reader_cfg", {}), "test_range": test_range})
     records = _read_jsonl(test_file, reader)
     for i, record in enumerate(records):  # predictions are keyed by id; plain JSONL files may have none
         record.setdefault("id", f"{test_file.stem}-{i:04d}")
-    if len({r["id"] for r in records}) != len(records):
-        raise CourseError(f"{test_file.name} repeats an id; every record needs its own.")
+    ids = [r["id"] for r in records]
+    if len(set(ids)) != len(ids):  # a written id equal to a numbered one (written ones were checked)
+        clash = next(i for i in ids if ids.count(i) > 1)
+        raise CourseError(f"{_shown(test_file)}: id {clash!r} is written on one record and also numbered for "
+                          f"one without an id. Give every record an id, or none.")
     dev_file = test_file.with_name(f"{reader.train_split}.jsonl")
     dev = _read_jsonl(dev_file, reader) if dev_file.is_file() and dev_file != test_file else []
     digest = hashlib.sha1(test_file.read_bytes() + (dev_file.read_bytes() if dev else b""))
     name = meta.get("abbr") or test_file.parent.name
-    return EvalDataset(name=name, records=records[parse_range(test_range, len(records))], dev=dev,
+    selected = records[parse_range(test_range, len(records))]
+    if not selected:  # caught here, before a model is loaded for nothing
+        raise CourseError(f"test_range={test_range!r} selects no questions: {name} has {len(records)} "
+                          f"(positions 0 to {len(records) - 1}). Use a range inside that, e.g. "
+                          f"'[0:{min(20, len(records))}]'.")
+    return EvalDataset(name=name, records=selected, dev=dev,
                        language=meta.get("language", "en"), subjects=meta.get("subjects", {}),
                        reader=reader, path=test_file, fingerprint=digest.hexdigest()[:12])
+
+
+def check_shots(shots, dataset: EvalDataset) -> int:
+    """``shots`` as an int, if the dev split has that many examples (0 always works)."""
+    n, dev_file = len(dataset.dev), _shown(dataset.path.with_name(f"{dataset.reader.train_split}.jsonl"))
+    if not _whole(shots):
+        raise CourseError(f"shots={shots!r}: give a whole number of few-shot examples, 0 to {n}.")
+    if shots > 0 and n == 0:
+        raise CourseError(f"shots={shots} needs few-shot examples, but {dataset.name} has no dev split "
+                          f"({dev_file} is missing). Use shots=0, or add that file.")
+    if not 0 <= shots <= n:  # dev[:-1] would silently use all but one example
+        raise CourseError(f"shots={shots} is out of range: {dataset.name} has {n} dev examples ({dev_file}), "
+                          f"so use 0 to {n}.")
+    return int(shots)
 
 
 # ---- prompt templates -------------------------------------------------------------------------
@@ -160,9 +338,7 @@ def answer_text(letter: str, language: str, style: str) -> str:
 
 def build_messages(record: dict, dataset: EvalDataset, *, shots: int = 0, mode: str = "ppl") -> list[dict]:
     """Chat messages for one question: k dev examples as earlier turns, then the question."""
-    if shots > len(dataset.dev):
-        raise CourseError(f"shots={shots} but {dataset.name} has {len(dataset.dev)} dev examples. "
-                          f"Use shots <= {len(dataset.dev)}.")
+    shots = check_shots(shots, dataset)
     lang = dataset.language
     subject = dataset.subjects.get(record["category"], record["category"].replace("_", " "))
     header = HEADERS[lang].format(subject=subject)
@@ -379,12 +555,63 @@ def export_opencompass_config(models, datasets, path, *, mode: str = "gen", test
 
 
 # ---- results as tables (OpenCompass's summarizer) ------------------------------------------------
+PREDICTION_KEYS = ("id", "prediction")  # what every reader of a predictions file needs
+
+
+def _prediction_row(raw: bytes, path: Path, lineno: int, required) -> dict:
+    why = None
+    try:
+        row = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        why = "not UTF-8 text"
+    except json.JSONDecodeError as exc:
+        why = f"not JSON: {exc.msg}"
+    else:
+        if not isinstance(row, dict):
+            why = f"a JSON {_kind(row)}, not an object"
+        elif any(k not in row for k in required):
+            why = f"no {', '.join(repr(k) for k in required if k not in row)}"
+        elif not (_whole(row["id"]) or isinstance(row["id"], str)):
+            why = f"its id is {_snippet(row['id'])}"
+    if why:
+        raise CourseError(f"{_shown(path)} line {lineno} is corrupted ({why}). A stopped run only cuts the "
+                          "last line short, so something else changed this file: delete it, or run "
+                          "evaluate(..., reuse=False) to make it again.")
+    return row
+
+
+def read_predictions(path, *, required=PREDICTION_KEYS) -> tuple[list[dict], int | None]:
+    """A predictions file's rows, and the number of its last line if a stop cut it short (else None).
+
+    evaluate() appends whole lines, so a run killed mid-write can only leave the last line
+    unfinished (no newline yet); that line is left for the caller to redo. A bad line anywhere else
+    is not what a stop leaves, so its rows cannot be trusted either: that is an error, not a skip.
+    """
+    path = Path(path)
+    *lines, tail = path.read_bytes().split(b"\n")
+    rows = [_prediction_row(raw, path, n, required) for n, raw in enumerate(lines, 1) if raw.strip()]
+    if not tail.strip():
+        return rows, None
+    try:  # a whole row whose newline was not written yet is kept: no prefix of a line is valid JSON
+        rows.append(_prediction_row(tail, path, len(lines) + 1, required))
+    except CourseError:
+        return rows, len(lines) + 1
+    return rows, None
+
+
 def load_predictions(path) -> "pd.DataFrame":
     """A predictions JSONL file as a table (one row per question)."""
     import pandas as pd
 
-    return pd.DataFrame([json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line])
-
+    if not Path(path).is_file():
+        raise CourseError(f"No predictions file at {_shown(path)}. Run evaluate() first: its result's "
+                          "predictions_path names the file.")
+    rows, torn = read_predictions(path)
+    if torn is not None:
+        raise CourseError(f"{_shown(path)} line {torn} was cut off mid-write (the run was stopped). Finish "
+                          "the run with evaluate(..., reuse=True, out_dir=<its run folder>): it redoes that "
+                          "question.")
+    return pd.DataFrame(rows)
 
 
 def summary_table(results, *, categories: bool = False):
@@ -411,7 +638,14 @@ def summarize(run_dir, *, categories: bool = False):
     """The summary of every result in a run folder; also written to ``summary/summary.{csv,txt}``."""
     run_dir = Path(run_dir)
     files = sorted((run_dir / "results").glob("*/*.json"), key=lambda p: (p.stat().st_mtime_ns, p.name))
-    table = summary_table([json.loads(p.read_text(encoding="utf-8")) for p in files], categories=categories)
+    results = []
+    for p in files:
+        try:
+            results.append(json.loads(p.read_text(encoding="utf-8")))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise CourseError(f"{_shown(p)} is not a readable result (not valid JSON). Delete it: evaluating "
+                              "that model and task again writes it anew.") from None
+    table = summary_table(results, categories=categories)
     (run_dir / "summary").mkdir(parents=True, exist_ok=True)
     table.to_csv(run_dir / "summary" / "summary.csv", index=False)
     (run_dir / "summary" / "summary.txt").write_text(table.to_string(index=False) + "\n", encoding="utf-8")

@@ -10,6 +10,7 @@ OpenAI-compatible endpoint on a multiple-choice set from ``course_utils.eval_dat
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,13 +19,14 @@ from datetime import datetime
 from pathlib import Path
 
 from .errors import CourseError
-from .eval_data import (OPTIONS, EvalDataset, answer_text, build_messages, extract_choice,
-                        load_dataset, prompt_version, render_plain)
+from .eval_data import (OPTIONS, EvalDataset, answer_text, build_messages, check_shots, extract_choice,
+                        load_dataset, prompt_version, read_predictions, render_plain)
 from .eval_data import (disagreements, export_opencompass_config, list_datasets,  # noqa: F401
                         load_predictions, plot_comparison, summarize, summary_table)  # (this module's API)
 from .paths import REPO_ROOT, outputs_dir
 
 MODES = ("ppl", "gen")
+ROW_KEYS = ("id", "category", "prediction", "gold", "correct", "version")  # what _record_row writes
 
 
 def runs_dir() -> Path:
@@ -384,15 +386,48 @@ def _rel(path: Path) -> str:
 
 
 def _stored(path: Path, version: str) -> dict[str, dict]:
-    """Predictions already on disk, by question id (an interrupted run leaves a prefix of them)."""
+    """Predictions already on disk, by question id (an interrupted run leaves a prefix of them).
+
+    A last line cut short by a stop is left out, so its question counts as not done and runs again.
+    """
     if not path.is_file():
         return {}
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows, _ = read_predictions(path, required=ROW_KEYS)
     stale = {r.get("version") for r in rows} - {version}
     if stale:
         raise CourseError(f"{_rel(path)} holds predictions made with another prompt or dataset version "
                           f"({', '.join(map(str, stale))}, now {version}). Use a new out_dir or reuse=False.")
     return {r["id"]: r for r in rows}
+
+
+def _write_rows(path: Path, rows) -> None:
+    """Replace the file in one step: a run stopped while rewriting keeps the old file whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _known_abbr(model) -> str | None:
+    """The name load_lm gives ``model`` when it is known without loading anything (else None)."""
+    if hasattr(model, "render") and hasattr(model, "abbr"):
+        return model.abbr
+    if isinstance(model, (str, os.PathLike)) and not str(model).startswith(("http://", "https://")):
+        return Path(str(model)).name
+    return None
+
+
+def _check_arguments(*, reuse, abbr, batch_size, max_out_len, padding_side) -> None:
+    if not isinstance(reuse, bool):  # reuse="False" is a non-empty string, so it would mean True
+        raise CourseError(f"reuse={reuse!r}: pass True (continue from stored predictions) or False.")
+    if abbr is not None and (not isinstance(abbr, str) or not abbr.strip() or "/" in abbr or "\\" in abbr
+                             or abbr in (".", "..")):
+        raise CourseError(f"abbr={abbr!r}: give a short model name without slashes; it names the folder "
+                          "predictions/<abbr>/ of the run.")
+    for name, value in (("batch_size", batch_size), ("max_out_len", max_out_len)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise CourseError(f"{name}={value!r}: use a whole number of at least 1.")
+    if padding_side not in ("left", "right"):
+        raise CourseError(f"padding_side={padding_side!r}: use 'left' or 'right'.")
 
 
 def _infer(lm, data: EvalDataset, todo: list[dict], path: Path, *, mode: str, shots: int, style: str,
@@ -410,7 +445,7 @@ def _infer(lm, data: EvalDataset, todo: list[dict], path: Path, *, mode: str, sh
         else:
             rows = predict_gen(lm, data, chunk, shots=shots, style=style, version=version,
                                max_out_len=max_out_len)
-        with open(path, "a", encoding="utf-8") as f:
+        with open(path, "a", encoding="utf-8") as f:  # whole lines, so a stop can only tear the last one
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         bar.update(len(chunk))
     bar.close()
@@ -432,7 +467,8 @@ def evaluate(model, dataset, *, mode: str = "ppl", shots: int = 0, style: str | 
     ``style``: "chat" (the model's chat template) or "plain" (a completion prompt); by default
     plain for ppl and chat for gen. ``target`` (ppl): score the option "letter" or its "text".
     ``reuse=True`` reads stored predictions from ``out_dir`` (default:
-    the latest run) and only runs the model for questions that have none.
+    the latest run) and only runs the model for questions that have none. A last line that a
+    stopped run left half-written counts as none; a damaged line elsewhere is an error.
     """
     if mode not in MODES:
         raise CourseError(f"mode={mode!r}: use 'ppl' (score the options) or 'gen' (generate, then extract).")
@@ -440,12 +476,17 @@ def evaluate(model, dataset, *, mode: str = "ppl", shots: int = 0, style: str | 
     if style not in ("chat", "plain") or target not in ("letter", "text"):
         raise CourseError(f"style={style!r}, target={target!r}: style is 'chat' or 'plain', "
                           "target is 'letter' or 'text'.")
+    _check_arguments(reuse=reuse, abbr=abbr, batch_size=batch_size, max_out_len=max_out_len,
+                     padding_side=padding_side)
     data = load_dataset(dataset, test_range=test_range)
-    build_messages(data.records[0], data, shots=shots)  # fails early if shots exceeds the dev split
+    shots = check_shots(shots, data)
     version = prompt_version(data, mode=mode, shots=shots, style=style,
                              extra={"max_out_len": max_out_len} if mode == "gen" else {"target": target})
     run_dir, lm = _run_dir(out_dir, reuse), None
-    if abbr is None:  # the name needs the model only when it cannot come from the argument
+    # The name comes from the argument when it can, so a damaged predictions file is reported
+    # before a model is loaded for nothing.
+    abbr = abbr or _known_abbr(model)
+    if abbr is None:
         lm = load_lm(model, adapter=adapter, batch_size=batch_size, padding_side=padding_side)
         abbr = lm.abbr
     task = task_name(data.name, mode, shots, target)
@@ -457,12 +498,15 @@ def evaluate(model, dataset, *, mode: str = "ppl", shots: int = 0, style: str | 
     seconds = 0.0
     if todo:
         lm = lm or load_lm(model, abbr=abbr, adapter=adapter, batch_size=batch_size, padding_side=padding_side)
+        if pred_path.is_file():  # drop a torn last line first: new rows appended to it would be glued on
+            _write_rows(pred_path, done.values())
         seconds = _infer(lm, data, todo, pred_path, mode=mode, shots=shots, style=style, version=version,
                          target=target, max_out_len=max_out_len, progress=progress)
         done = _stored(pred_path, version)
     rows = [done[r["id"]] for r in data.records]
-    # The file ends up holding exactly this result's questions, in dataset order (as OpenCompass's does).
-    pred_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    # The file ends up holding exactly this result's questions, once each, in dataset order (as
+    # OpenCompass's does).
+    _write_rows(pred_path, rows)
     categories = sorted({r["category"] for r in rows})
     result = EvalResult(
         model=abbr, dataset=data.name, mode=mode, shots=shots, version=version, accuracy=_accuracy(rows),
@@ -482,4 +526,6 @@ def _write_results(result: EvalResult, **config) -> None:
         record[key] = _rel(record[key])
     record.update(config, test_range=None if config["test_range"] is None else str(config["test_range"]))
     result.results_path.parent.mkdir(parents=True, exist_ok=True)
-    result.results_path.write_text(json.dumps(record, ensure_ascii=False, indent=2), encoding="utf-8")
+    tmp = result.results_path.with_name(result.results_path.name + ".tmp")
+    tmp.write_text(json.dumps(record, ensure_ascii=False, indent=2), encoding="utf-8")
+    os.replace(tmp, result.results_path)  # whole or not at all: summarize() reads every results file

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import re
 import shutil
 import time
 import warnings
@@ -212,7 +214,17 @@ def _callbacks(cfg: FinetuneConfig, tokenizer, sink: dict):
 def _paths(cfg: FinetuneConfig) -> tuple[Path, Path]:
     from .paths import outputs_dir
 
+    for name in ("data_path", "work_dir"):  # "" would silently mean the default, like None
+        value = getattr(cfg, name)
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            raise CourseError(f"{name} must be a path (text) or None, not a "
+                              f"{type(value).__name__}.")
+        if value is not None and not str(value).strip():
+            raise CourseError(f"{name} is an empty string: give a path, or None for the default.")
     work = Path(cfg.work_dir) if cfg.work_dir else outputs_dir() / "finetune" / "run"
+    if work.exists() and not work.is_dir():
+        raise CourseError(f"work_dir={str(work)!r} is a file: give a folder for the checkpoints "
+                          "and the adapter.")
     default_data = outputs_dir() / "finetune" / "data" / "identity.json"
     data = Path(cfg.data_path) if cfg.data_path else default_data
     if cfg.data_path is None and not data.is_file():
@@ -221,14 +233,79 @@ def _paths(cfg: FinetuneConfig) -> tuple[Path, Path]:
     return work, data
 
 
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    """A real, finite number (bools and text are mistakes, NaN and inf too)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _check(cfg: FinetuneConfig) -> None:
+    """Every field a learner sets, checked before anything slow (a NaN lr trains NaN losses)."""
+    if not isinstance(cfg, FinetuneConfig):
+        raise CourseError(f"train() needs a FinetuneConfig, not a {type(cfg).__name__}: "
+                          "train(FinetuneConfig(lr=..., ...)).")
     if cfg.quantization not in (None, "4bit"):
         raise CourseError(f"quantization={cfg.quantization!r}: use None (LoRA) or '4bit' (QLoRA).")
-    for name in ("lora_r", "max_length", "batch_size", "accumulative_counts", "save_steps"):
-        if getattr(cfg, name) < 1:
-            raise CourseError(f"{name}={getattr(cfg, name)} must be at least 1.")
+    for name in ("lora_r", "max_length", "batch_size", "accumulative_counts", "save_steps",
+                 "eval_max_new_tokens"):
+        value = getattr(cfg, name)
+        if not _whole(value) or value < 1:
+            raise CourseError(f"{name}={value!r} must be a whole number of at least 1.")
+    for name in ("max_steps", "save_total_limit"):
+        value = getattr(cfg, name)
+        if value is not None and (not _whole(value) or value < 1):
+            raise CourseError(f"{name}={value!r} must be None or a whole number of at least 1.")
+    if not _whole(cfg.evaluation_freq) or cfg.evaluation_freq < 0:
+        raise CourseError(f"evaluation_freq={cfg.evaluation_freq!r} must be a whole number >= 0 "
+                          "(0: replies only at the start and the end).")
+    if not _whole(cfg.seed) or not 0 <= cfg.seed < 2**32:
+        raise CourseError(f"seed={cfg.seed!r} must be a whole number from 0 to 2**32 - 1.")
+    for name in ("lr", "max_epochs", "lora_alpha"):
+        value = getattr(cfg, name)
+        if not _number(value) or value <= 0:
+            raise CourseError(f"{name}={value!r} must be a finite number above 0 (no quotes, not "
+                              "NaN or inf).")
+    for name in ("weight_decay", "max_norm"):
+        value = getattr(cfg, name)
+        if not _number(value) or value < 0:
+            raise CourseError(f"{name}={value!r} must be a finite number >= 0.")
+    if not _number(cfg.lora_dropout) or not 0 <= cfg.lora_dropout < 1:
+        raise CourseError(f"lora_dropout={cfg.lora_dropout!r} must be a number from 0 up to (not "
+                          "including) 1.")
+    if not _number(cfg.warmup_ratio) or not 0 <= cfg.warmup_ratio <= 1:
+        raise CourseError(f"warmup_ratio={cfg.warmup_ratio!r} must be a share from 0 to 1 "
+                          "(0.03: the first 3% of the steps).")
+    for name in ("pack_to_max_length", "gradient_checkpointing"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise CourseError(f"{name}={getattr(cfg, name)!r} must be True or False.")
+    targets = cfg.lora_targets
+    if not (isinstance(targets, str) and targets.strip()) and not (
+            isinstance(targets, (list, tuple)) and targets
+            and all(isinstance(t, str) and t.strip() for t in targets)):
+        raise CourseError(f"lora_targets={targets!r}: use 'all-linear', or a list of module names "
+                          "such as ['q_proj', 'v_proj'].")
+    if cfg.system_prompt is not None and not isinstance(cfg.system_prompt, str):
+        raise CourseError(f"system_prompt must be text or None, not a "
+                          f"{type(cfg.system_prompt).__name__}.")
+    if isinstance(cfg.evaluation_inputs, str):  # a string would be asked one letter at a time
+        raise CourseError(f"evaluation_inputs={cfg.evaluation_inputs!r:.60} is one string: put "
+                          "the question(s) in a list, e.g. evaluation_inputs=['Who are you?'].")
     if not cfg.evaluation_inputs:
         raise CourseError("evaluation_inputs is empty: give at least one question to watch.")
+    for i, question in enumerate(cfg.evaluation_inputs):
+        if not isinstance(question, str) or not question.strip():
+            raise CourseError(f"evaluation_inputs[{i}]={question!r} must be a non-empty question "
+                              "(text).")
+
+
+def _check_model(cfg: FinetuneConfig) -> None:
+    """The model folder, checked on disk before torch and peft are even imported."""
+    from .models import check_model_folder, resolve
+
+    check_model_folder(resolve(cfg.model))
 
 
 def load_for_training(cfg: FinetuneConfig):
@@ -281,36 +358,74 @@ def _peak_memory_gb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # KiB -> GiB
 
 
-def _start_step(work: Path, resume: bool) -> str | None:
-    """The checkpoint to resume from; without ``resume`` old checkpoints are cleared."""
-    from transformers.trainer_utils import get_last_checkpoint
+def _complete(checkpoint: Path) -> bool:
+    """The Trainer writes trainer_state.json last: without a readable one, a save was cut off."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return any((checkpoint / name).is_file() for name in (
+        "adapter_model.safetensors", "adapter_model.bin", "model.safetensors", "pytorch_model.bin"))
 
-    last = get_last_checkpoint(str(work)) if work.is_dir() else None
-    if resume:
-        if last is None:
-            print("resume=True but no checkpoint in the work dir: starting from step 0.")
-        return last
-    for old in work.glob("checkpoint-*"):
-        shutil.rmtree(old)  # a fresh run must not mix with an older one's checkpoints
-    return None
+
+def _start_step(work: Path, resume: bool, cfg: FinetuneConfig) -> str | None:
+    """The checkpoint to resume from; without ``resume`` old checkpoints are cleared.
+
+    A checkpoint a killed run was still writing is removed (it would be rewritten anyway, and
+    the Trainer cannot load it); the newest complete one is used instead.
+    """
+    found = sorted(((int(m.group(1)), p) for p in work.glob("checkpoint-*")
+                    if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name))), reverse=True)
+    if not resume:
+        for _, old in found:
+            shutil.rmtree(old)  # a fresh run must not mix with an older one's checkpoints
+        return None
+    complete = [p for _, p in found if _complete(p)]
+    torn = [p for _, p in found if p not in complete]
+    for p in torn:
+        shutil.rmtree(p)
+    names = ", ".join(p.name for p in torn)
+    cut = f"{names} {'was' if len(torn) == 1 else 'were'} cut off while saving"
+    if not complete:
+        print(f"resume=True but no complete checkpoint in the work dir ({cut}, removed): starting "
+              "from step 0." if torn else "resume=True but no checkpoint in the work dir: starting "
+              "from step 0.")
+        return None
+    last = complete[0]
+    if torn:
+        print(f"{cut} (trainer_state.json missing or unreadable) and removed; resuming from "
+              f"{last.name}.")
+    try:  # other LoRA shapes fail deep in the Trainer's load with a tensor size mismatch
+        lora = json.loads((last / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        lora = None
+    if isinstance(lora, dict) and "r" in lora:
+        if (lora.get("r"), lora.get("lora_alpha")) != (cfg.lora_r, cfg.lora_alpha):
+            raise CourseError(f"{last.name} was saved with lora_r={lora.get('r')}, "
+                              f"lora_alpha={lora.get('lora_alpha')}; this config has "
+                              f"lora_r={cfg.lora_r}, lora_alpha={cfg.lora_alpha}: resume with the "
+                              "settings it was saved with, or train(cfg) without resume=True to "
+                              "start over.")
+    return str(last)
 
 
 def train(cfg: FinetuneConfig | None = None, *, resume: bool = False, callbacks=()) -> TrainResult:
     """Fine-tune with LoRA/QLoRA as ``cfg`` says; returns the adapter folder, log and replies."""
+    from .sft_data import build_examples, collate, load_conversations
+
+    cfg = FinetuneConfig() if cfg is None else cfg
+    _check(cfg)  # every check before the imports below, which take seconds
+    work, data = _paths(cfg)
+    conversations = load_conversations(data)
+    _check_model(cfg)
+    checkpoint = _start_step(work, resume, cfg)
     import pandas as pd
     from transformers import PrinterCallback, Trainer, set_seed
 
-    from .sft_data import build_examples, collate, load_conversations
-
-    cfg = cfg or FinetuneConfig()
-    _check(cfg)
-    work, data = _paths(cfg)
-    conversations = load_conversations(data)  # validate before the slow model load
     quiet_libraries()
     set_seed(cfg.seed)
     model, tokenizer = load_for_training(cfg)
     examples = build_examples(tokenizer, conversations, cfg.max_length, pack=cfg.pack_to_max_length)
-    checkpoint = _start_step(work, resume)
     sink = {"log": [], "eval": []}
     trainer = Trainer(model=model, args=_training_args(cfg, work), train_dataset=examples,
                       data_collator=lambda batch: collate(batch, tokenizer.pad_token_id),
@@ -393,14 +508,14 @@ def _is_quantized(model) -> bool:
 
 def _full_precision_base(base, adapter: Path):
     """Load (or accept) the base model, refusing anything quantized."""
-    from .models import load_model, resolve
+    from .models import load_model, read_config, resolve
 
     if base is None:
         base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
     if isinstance(base, tuple):
         model, tokenizer = base
     else:
-        config = json.loads((resolve(base) / "config.json").read_text())
+        config = read_config(resolve(base))
         if "quantization_config" in config:
             raise CourseError(f"{base} is a quantized checkpoint; merge into the full-precision "
                               "original instead.")
@@ -502,6 +617,7 @@ def export_xtuner_config(cfg: FinetuneConfig, path: str | Path, *, device: str |
     if device == "cpu" and cfg.quantization:
         raise CourseError("QLoRA (quantization='4bit') in XTuner needs a CUDA GPU: bitsandbytes 0.45 "
                           "(XTuner's pin) quantizes on CUDA only. Export with quantization=None for the CPU.")
+    _check(cfg)
     path = Path(path)
     _, data = _paths(cfg)
     model_path = _xtuner_model_path(cfg.model)

@@ -728,7 +728,8 @@ def _check_kv(answer) -> str:
 
 def _rescored(result) -> tuple[float, dict]:
     """Accuracy (percent) recomputed from a result's predictions file against the dataset's answers."""
-    from .eval_data import load_dataset
+    from .errors import CourseError
+    from .eval_data import load_dataset, read_predictions
     from .evidence import readable
 
     path = Path(getattr(result, "predictions_path", "") or "")
@@ -736,17 +737,36 @@ def _rescored(result) -> tuple[float, dict]:
         readable(result.dataset)  # a dataset named by path: confined like any other file
     if not path.is_file():
         raise Missing("pass evaluate()'s result: its predictions file is missing")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    data = load_dataset(result.dataset)
+    try:  # the loaders' messages already name the file, line and fix
+        rows, torn = read_predictions(path)
+        data = load_dataset(result.dataset)
+    except CourseError as exc:
+        raise Missing(str(exc)) from None
+    if torn is not None:
+        raise Missing(f"{path.name} line {torn} was cut off mid-write (the run was stopped): finish it with "
+                      "evaluate(..., reuse=True) and pass that result")
     gold = {r["id"]: r[data.reader.output_column] for r in data.records}
     if not rows or any(r["id"] not in gold for r in rows):
         raise Missing(f"{path.name} does not hold predictions for {result.dataset}")
+    ids = [r["id"] for r in rows]
+    if len(set(ids)) != len(ids):  # a question counted twice would skew the accuracy
+        twice = next(i for i in ids if ids.count(i) > 1)
+        raise Missing(f"{path.name} holds question {twice!r} more than once: pass the result of a fresh "
+                      "evaluate() run, which writes each question once")
     right = sum(r["prediction"] == gold[r["id"]] for r in rows)
     return round(100 * right / len(rows), 2), {r["id"]: r["prediction"] for r in rows}
 
 
 def _accuracy_field(answer, key: str, truth: float) -> None:
-    reported = _field(answer, key, (int, float))
+    import math
+    import numbers
+
+    reported = _field(answer, key)
+    if isinstance(reported, bool) or not isinstance(reported, numbers.Real):
+        raise Missing(f"{key!r} should be a number (the accuracy in percent), got {type(reported).__name__}")
+    if not math.isfinite(reported):  # NaN compares false with everything, so the check below would pass it
+        raise Missing(f"{key}={reported} is not an accuracy: report the percentage evaluate() returned "
+                      "(result.accuracy), a number from 0 to 100")
     if abs(reported - truth) > 0.01:
         raise Missing(f"{key}={reported}, but the predictions file scores {truth}")
 

@@ -125,14 +125,32 @@ def resolve(name_or_path: str | os.PathLike | None = None, *, kind: str = "chat"
     """A local folder for a registry name or a path; converts or downloads once if needed."""
     if name_or_path is None:
         name_or_path = default_name(kind)
-    path = Path(name_or_path).expanduser()
-    if str(name_or_path) not in REGISTRY:
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise CourseError(f"The model is {name_or_path!r:.60} (type {type(name_or_path).__name__}): "
+                          f"pass a registry name ({', '.join(REGISTRY)}) or a model folder path.")
+    text = os.fspath(name_or_path)
+    if not text.strip():  # Path("") is ".", the current folder, which would be loaded silently
+        raise CourseError(f"The model name is empty ({text!r}): pass a registry name "
+                          f"({', '.join(REGISTRY)}), a model folder path, or None for the profile's "
+                          "default.")
+    if text.strip().lower() in ("none", "null"):
+        raise CourseError(f"The model is the text {text!r}: write None without quotes for the "
+                          f"profile's default, or a registry name ({', '.join(REGISTRY)}).")
+    path = Path(text).expanduser()
+    if text not in REGISTRY:
         if path.is_dir():
             return path
-        if os.sep in str(name_or_path) or path.suffix:
+        if path.is_file():
+            raise CourseError(f"{str(path)!r} is a file, not a model folder: pass the folder that "
+                              "holds config.json, the weights and the tokenizer "
+                              f"({str(path.parent)!r}?).")
+        if text != text.strip():
+            raise CourseError(f"The model {text!r} has spaces at the start or end: remove them "
+                              f"(registry names: {', '.join(REGISTRY)}).")
+        if os.sep in text or path.suffix:
             raise CourseError(f"Model folder {str(path)!r} does not exist. Check the path, or pass "
                               f"a registry name: {', '.join(REGISTRY)}.")
-    s = spec(str(name_or_path))
+    s = spec(text)
     place, folder = locate(s.name)
     if place == "bundled":
         folder = _prepare_bundled(s, folder)
@@ -228,11 +246,128 @@ def read_config(folder: Path) -> dict:
     import json
 
     path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise CourseError(f"Model folder {str(folder)!r} has no config.json: pass a Hugging Face "
+                          "model folder (config.json, weights, tokenizer).")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CourseError(f"{Path(folder).name!r} has no readable config.json ({exc.__class__.__name__}): "
-                          "pass a Hugging Face model folder (config.json, weights, tokenizer).") from None
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CourseError(f"config.json in {str(folder)!r} cannot be read ({exc.__class__.__name__}): "
+                          "copy the model folder again.") from None
+    except ValueError as exc:
+        raise CourseError(f"config.json in {str(folder)!r} is not valid JSON (line {exc.lineno}: "
+                          f"{exc.msg}): the copy or download was cut short, or it was edited by "
+                          "hand. Copy the model folder again.") from None
+    if not isinstance(config, dict):
+        raise CourseError(f"config.json in {str(folder)!r} is not a model config (a JSON "
+                          f"{type(config).__name__}, not an object): copy the model folder again.")
+    return config
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+# One of these is enough: fast tokenizers ship tokenizer.json, SentencePiece ones (InternLM2)
+# tokenizer.model, GPT-2 style BPE vocab.json + merges.txt, BERT-style vocab.txt.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model")
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    # adapter_model.* and a Trainer's training_args.bin sit in checkpoint folders; they are no model
+    return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES
+                  and not f.name.startswith(("adapter_model", "training_args")))
+
+
+def _weights_problem(path: Path) -> str | None:
+    """Why a weight file cannot be loaded (cut short, a Git LFS pointer...), from its first bytes."""
+    import json
+    import struct
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if head.startswith(b"version "):  # "version https://git-lfs.github.com/spec/v1"
+            return ("is a Git LFS pointer, not the weights: run `git lfs pull` in the folder, or "
+                    "download the model again (huggingface-cli / modelscope)")
+        if path.suffix != ".safetensors":
+            return "is empty" if size == 0 else None
+        if len(head) < 8:
+            return f"is {size} bytes long, too short for a safetensors file"
+        (length,) = struct.unpack("<Q", head)
+        if length > min(size - 8, 100 * 2**20):
+            return "has no valid safetensors header"
+        try:
+            header = json.loads(f.read(length))
+        except ValueError:
+            header = None
+    if not isinstance(header, dict):
+        return "has no valid safetensors header"
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"
+            and isinstance(t, dict) and isinstance(t.get("data_offsets"), list)
+            and len(t["data_offsets"]) == 2 and isinstance(t["data_offsets"][1], int)]
+    need = 8 + length + max(ends, default=0)
+    if size < need:
+        return f"is cut short ({size} of {need} bytes)"
+    return None
+
+
+def check_model_folder(folder: Path) -> dict:
+    """Everything ``from_pretrained`` needs, checked on disk first; returns ``config.json``.
+
+    A folder copied or downloaded halfway fails inside transformers with an error that names
+    neither the folder nor the missing file; this names both, in milliseconds.
+    """
+    import json
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CourseError(f"Model folder {str(folder)!r} does not exist or is not a folder: pass "
+                          "the folder that holds config.json, the weights and the tokenizer.")
+    files = [f.name for f in folder.iterdir()]
+    if not files:
+        raise CourseError(f"Model folder {str(folder)!r} is empty: it needs config.json, the weights "
+                          "(*.safetensors) and the tokenizer files. Copy or download the model "
+                          "into it, or pass the folder that has them.")
+    if "adapter_config.json" in files and "config.json" not in files:
+        raise CourseError(f"{str(folder)!r} holds a LoRA adapter, not a model: load its base model "
+                          "and the adapter (merge_adapter(None, adapter_dir, out) makes a full "
+                          "model), or pass the base model's folder.")
+    if "config.json" not in files and any(name.endswith(".gguf") for name in files):
+        raise CourseError(f"{str(folder)!r} holds a GGUF file, not a Hugging Face folder: convert "
+                          "it first (models.convert_gguf(gguf_path, dest_folder)) and load the "
+                          "folder it writes.")
+    config = read_config(folder)
+    if not isinstance(config.get("model_type"), str):  # AutoConfig cannot pick a class without it
+        raise CourseError(f"config.json in {str(folder)!r} has no 'model_type': it is not a Hugging "
+                          "Face model config. Pass the model's own folder.")
+    weights = _weight_files(folder)
+    if not weights:
+        raise CourseError(f"Model folder {str(folder)!r} has config.json but no weights "
+                          "(*.safetensors or *.bin): the copy or download stopped early. Copy the "
+                          "whole model folder again.")
+    for index in folder.glob("*.index.json"):
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise CourseError(f"{index.name} in {str(folder)!r} is damaged (no readable weight_map): "
+                              "copy the model folder again.") from None
+        missing = sorted(s for s in shards if not (folder / s).is_file())
+        if missing:
+            raise CourseError(f"Model folder {str(folder)!r} is missing {len(missing)} weight "
+                              f"file(s) listed in {index.name}: {', '.join(missing[:3])}. The copy "
+                              "or download stopped early: copy the whole folder again.")
+    for f in weights:
+        try:
+            problem = _weights_problem(f)
+        except OSError as exc:
+            problem = f"cannot be read ({exc.__class__.__name__})"
+        if problem:
+            raise CourseError(f"Weight file {f.name} in {str(folder)!r} {problem}: the copy or "
+                              "download was interrupted. Copy or download it again.")
+    if not any(name in files for name in TOKENIZER_FILES):
+        raise CourseError(f"Model folder {str(folder)!r} has no tokenizer (none of "
+                          f"{', '.join(TOKENIZER_FILES)}): copy the tokenizer files from the model's "
+                          "original folder next to config.json.")
+    return config
 
 
 def weight_gb(folder: Path) -> float:
@@ -248,16 +383,16 @@ def load_model(name: str | os.PathLike | None = None, *, dtype=None, device: str
     ``quantization`` is None, "4bit" (NF4) or "8bit" through bitsandbytes. Defaults: fp32 on the
     CPU, bf16 on CUDA. InternLM2 (and on 4.x InternLM3) folders run their own model code.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from .compat import bnb_4bit_on_cpu, check_remote_code, dtype_kwargs, use_remote_code
 
     if quantization not in (None, "4bit", "8bit"):
         raise CourseError(f"quantization={quantization!r}: use None, '4bit' or '8bit'.")
     folder = resolve(name)
-    config = read_config(folder)
+    config = check_model_folder(folder)  # before importing torch: a broken folder fails at once
     check_remote_code(folder, config)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     cuda = _cuda_available()
     if not cuda and device != "cpu" and weight_gb(folder) > CPU_MAX_WEIGHT_GB:
         raise CourseError(

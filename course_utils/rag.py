@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import numbers
 from dataclasses import dataclass
 from operator import itemgetter
 from pathlib import Path
@@ -20,6 +21,7 @@ from .knowledge import (  # noqa: F401  (re-exported: the lesson's API is course
     COLLECTION, DEFAULT_PATTERNS, BuildReport, SkippedFileWarning, SplitConfig, build_vectorstore,
     chunk_stats, default_patterns, indexed_files, load_documents, load_embeddings, load_vectorstore,
     markdown_sections, plot_chunk_lengths, reset_store, show_path, split_documents)
+from .knowledge import _whole
 from .paths import DATA_DIR
 
 # One user message, no system message: it works the same through ChatSession.ask, .complete and an
@@ -49,11 +51,45 @@ def _hit(doc, distance: float) -> Hit:
     return Hit(meta["source"], meta.get("section", ""), 1.0 - distance, doc.page_content)
 
 
+def _check_k(k, name: str = "k", example: int = 4) -> None:
+    if not _whole(k) or k < 1:
+        raise CourseError(f"{name}={k!r}: use a whole number of chunks to retrieve, 1 or more "
+                          f"(e.g. {name}={example}).")
+
+
+def _check_search(k, mmr: bool = False, fetch_k=20, lambda_mult=0.5) -> None:
+    """The retrieval settings, checked where a learner passes them (before any question is embedded)."""
+    _check_k(k)
+    if mmr:
+        _check_k(fetch_k, "fetch_k", 20)
+        if not isinstance(lambda_mult, numbers.Real) or isinstance(lambda_mult, bool) or not 0 <= lambda_mult <= 1:
+            raise CourseError(f"lambda_mult={lambda_mult!r}: use a number from 0 (most diverse) to 1 "
+                              "(most relevant); the default is 0.5.")
+
+
+def _check_store(store) -> None:
+    # build_vectorstore returns (store, report): a forgotten unpacking is the likeliest wrong store.
+    if isinstance(store, tuple) and store and hasattr(store[0], "similarity_search_by_vector_with_relevance_scores"):
+        raise CourseError("store is the (store, report) pair that build_vectorstore returns: unpack it, "
+                          "store, report = rag.build_vectorstore(KB_DIR, STORE_DIR).")
+    if not (hasattr(store, "similarity_search_by_vector_with_relevance_scores") and hasattr(store, "embeddings")):
+        raise CourseError(f"store={store!r:.60}: pass the vector store from rag.build_vectorstore(KB_DIR, STORE_DIR) "
+                          "or rag.load_vectorstore(STORE_DIR).")
+
+
+def _check_question(question) -> None:
+    # An empty question still embeds to a vector and "retrieves" chunks: wrong answers, no error.
+    if not isinstance(question, str) or not question.strip():
+        raise CourseError(f"question={question!r:.80}: ask a non-empty question string, e.g. "
+                          "retrieve(store, \"Which port does LMDeploy serve on?\").")
+
+
 def retrieve(store, question: str, *, k: int = 4, mmr: bool = False, fetch_k: int = 20,
              lambda_mult: float = 0.5, vector: list[float] | None = None) -> list[Hit]:
     """The ``k`` chunks closest to ``question`` (MMR: relevant and mutually different), best first."""
-    if k < 1:
-        raise CourseError(f"k={k}: retrieve at least one chunk.")
+    _check_store(store)
+    _check_search(k, mmr, fetch_k, lambda_mult)
+    _check_question(question)
     vector = vector if vector is not None else store.embeddings.embed_query(question)
     scored = store.similarity_search_by_vector_with_relevance_scores(vector, k=max(k, fetch_k) if mmr else k)
     if not mmr:
@@ -144,6 +180,8 @@ def make_rag_chain(llm, store, *, k: int = 4, mmr: bool = False, fetch_k: int = 
     from langchain_core.prompts import ChatPromptTemplate
     from langchain_core.runnables import RunnableLambda, RunnablePassthrough
 
+    _check_store(store)  # now, not at the first question
+    _check_search(k, mmr, fetch_k, lambda_mult)
     search = RunnableLambda(lambda q: retrieve(store, q, k=k, mmr=mmr, fetch_k=fetch_k, lambda_mult=lambda_mult))
     prompt = ChatPromptTemplate.from_messages([("human", RAG_TEMPLATE)])
     answer = prompt | as_chat_model(llm) | StrOutputParser()
@@ -166,6 +204,8 @@ class RagSession:
     """
 
     def __init__(self, chat, store, *, k: int = 4, mmr: bool = False, max_sources: int = 3):
+        _check_store(store)  # now, not at the first question
+        _check_k(k)
         self.chat, self.store, self.k, self.mmr, self.max_sources = chat, store, k, mmr, max_sources
         self.history: list[dict] = []
         self.last_hits: list[Hit] = []
@@ -234,18 +274,71 @@ def load_eval_set(path: str | Path | None = None, languages=None) -> list[dict]:
 
     if path is None:
         languages = languages or (["en"] if profile() == "tiny" else ["en", "zh"])
-        paths = [DATA_DIR / "rag_eval" / f"questions_{lang}.jsonl" for lang in languages]
+        languages = [languages] if isinstance(languages, str) else languages
+        paths = [(lang, DATA_DIR / "rag_eval" / f"questions_{lang}.jsonl") for lang in languages]
+    elif isinstance(path, (str, Path)):
+        paths = [(None, Path(path))]
     else:
-        paths = [Path(path)]
+        raise CourseError(f"path={path!r:.80}: pass the path of a JSONL eval file (str or Path), or leave it out "
+                          "for the course's eval set.")
     items = []
-    for p in paths:
-        for n, line in enumerate(Path(p).read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
+    for lang, p in paths:
+        where = show_path(p)
+        if not p.exists() and lang is not None:
+            have = sorted(f.stem.split("_", 1)[1] for f in (DATA_DIR / "rag_eval").glob("questions_*.jsonl"))
+            raise CourseError(f"No eval set for language {lang!r} ({where} does not exist); the course has "
+                              f"{', '.join(have)}.")
+        if not p.exists():
+            raise CourseError(f"{where} does not exist: pass a JSONL file with one {{\"question\": ..., "
+                              "\"source\": ...} object per line, or no path for the course's eval set.")
+        if p.is_dir():
+            raise CourseError(f"{where} is a folder: pass the .jsonl file inside it.")
+        try:
+            text = p.read_text(encoding="utf-8-sig")  # -sig: Notepad's UTF-8 starts with a byte-order mark
+        except UnicodeDecodeError:
+            raise CourseError(f"{where} is not UTF-8 text: save it as UTF-8 "
+                              "(e.g. iconv -f GBK -t UTF-8 in > out).") from None
+        found = 0
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
                 item = json.loads(line)
-                if not {"question", "source"} <= set(item):
-                    raise CourseError(f"{show_path(p)} line {n}: each line needs \"question\" and \"source\".")
-                items.append(item)
+            except json.JSONDecodeError as exc:
+                raise CourseError(f"{where} line {n} is not valid JSON ({exc.msg}); was the file cut short? "
+                                  "Each line is one object like {\"question\": \"...\", \"source\": "
+                                  "\"en/....md\"}.") from None
+            if not _is_question(item):
+                raise CourseError(f"{where} line {n}: each line needs non-empty \"question\" and \"source\" "
+                                  "strings, like {\"question\": \"...\", \"source\": \"en/....md\"}.")
+            items.append(item)
+            found += 1
+        if not found:
+            raise CourseError(f"{where} has no questions: add one JSON object per line, like "
+                              "{\"question\": \"...\", \"source\": \"en/....md\"}.")
     return items
+
+
+def _is_question(item) -> bool:
+    """One eval item: a dict with non-empty "question" and "source" strings (the eval set's format)."""
+    return (isinstance(item, dict) and isinstance(item.get("question"), str) and item["question"].strip() != ""
+            and isinstance(item.get("source"), str) and item["source"].strip() != "")
+
+
+def _check_qa(qa) -> list[dict]:
+    """``qa`` as a list, checked before any of its questions is embedded."""
+    try:
+        qa = None if isinstance(qa, (str, bytes, dict)) else list(qa)
+    except TypeError:
+        qa = None
+    if not qa:
+        raise CourseError("No questions to evaluate: pass rag.load_eval_set() or a list of "
+                          "{\"question\": ..., \"source\": ...} dicts.")
+    for i, item in enumerate(qa):
+        if not _is_question(item):
+            raise CourseError(f"qa[{i}] = {item!r:.80}: each question needs non-empty \"question\" and \"source\" "
+                              "strings, like the items of rag.load_eval_set().")
+    return qa
 
 
 @dataclass
@@ -280,6 +373,9 @@ def evaluate_retrieval(store, qa, k: int = 4, *, mmr: bool = False, fetch_k: int
     """hit@k and MRR of ``store`` on ``qa`` (dicts with "question" and the expected "source" file)."""
     import pandas as pd
 
+    _check_store(store)
+    qa = _check_qa(qa)
+    _check_search(k, mmr, fetch_k)
     rows = []
     for i, item in enumerate(qa):
         hits = retrieve(store, item["question"], k=k, mmr=mmr, fetch_k=fetch_k,
@@ -295,6 +391,13 @@ def compare_retrieval(store, qa, settings: list[dict]):
     """hit@k and MRR for each retrieval setting (``{"k": 4, "mmr": True}``...) on one store, as a table."""
     import pandas as pd
 
+    _check_store(store)
+    qa = _check_qa(qa)
+    for s in settings:  # all of them before the questions are embedded
+        if not isinstance(s, dict) or not set(s) <= {"k", "mmr", "fetch_k"}:
+            raise CourseError(f"settings: {s!r:.80} is not a retrieval setting; use dicts with k, mmr and "
+                              "fetch_k, e.g. [{\"k\": 4}, {\"k\": 4, \"mmr\": True}].")
+        _check_search(s.get("k", 4), s.get("mmr", False), s.get("fetch_k", 20))
     vectors = [store.embeddings.embed_query(item["question"]) for item in qa]  # once for all settings
     rows = []
     for s in settings:
@@ -307,6 +410,11 @@ def explain_miss(store, item: dict, k: int = 4):
     """Why a question missed: the chunks retrieved instead, and the best chunk of the expected file."""
     import pandas as pd
 
+    _check_store(store)
+    _check_k(k)
+    if not _is_question(item):
+        raise CourseError(f"item={item!r:.80}: pass one question of the eval set, a dict with non-empty "
+                          "\"question\" and \"source\" strings.")
     vector = store.embeddings.embed_query(item["question"])
     rows = [{"rank": i, "path": h.path, "section": h.section, "score": round(h.score, 3)}
             for i, h in enumerate(retrieve(store, item["question"], k=k, vector=vector), 1)]

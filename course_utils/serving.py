@@ -8,6 +8,9 @@ Linux) when the process that started it dies, e.g. a restarted notebook kernel.
 from __future__ import annotations
 
 import atexit
+import errno
+import math
+import numbers
 import os
 import signal
 import socket
@@ -27,23 +30,95 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _RUNNING: dict[int, "Server"] = {}  # port -> server this process started
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _family(host: str) -> int:
+    # The rule uvicorn uses (both backends bind through it), so a check here sees what the server
+    # will: an address with a colon is IPv6. A plain socket() is IPv4 and cannot bind "::1" at all.
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _bind_error(port: int, host: str) -> OSError | None:
+    with socket.socket(_family(host)) as sock:
+        # As servers do: connections of a stopped server lingering in TIME_WAIT don't count.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            return exc
+    return None
+
+
+def _check_port_number(port) -> None:
+    if not _is_int(port) or not 0 <= port <= 65535:
+        raise CourseError(f"port={port!r:.40}: use a whole number from 1 to 65535, or port=0 for any "
+                          "free port (e.g. port=23333).")
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nobody listens on right now (for tests and a second server)."""
-    with socket.socket() as sock:
+    with socket.socket(_family(host)) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
 
 
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
     """Whether ``host:port`` can not be bound (someone else is listening there)."""
-    with socket.socket() as sock:
-        # As servers do: connections of a stopped server lingering in TIME_WAIT don't count.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return True
-    return False
+    _check_port_number(port)
+    return _bind_error(port, host) is not None
+
+
+def _check_host(host) -> str:
+    """``host`` as the servers take it (an IPv6 address without brackets), if this machine has it."""
+    if not isinstance(host, str) or not host.strip():
+        raise CourseError(f"host={host!r:.60}: use '127.0.0.1' (this machine only), '::1' (the same "
+                          "over IPv6), or '0.0.0.0' with api_key= to let other machines in.")
+    host = host.strip()
+    if "/" in host:
+        raise CourseError(f"host={host!r:.60} is a URL: pass only the address, e.g. "
+                          "host='127.0.0.1' (the port goes in port=).")
+    if host.count(":") == 1:
+        raise CourseError(f"host={host!r:.60} includes a port: pass host={host.split(':')[0]!r} "
+                          f"and port={host.split(':')[1]} separately.")
+    if host.startswith("[") and host.endswith("]"):  # the URL spelling of an IPv6 address
+        host = host[1:-1]
+    err = _bind_error(0, host)
+    if isinstance(err, socket.gaierror) or (err is not None and err.errno == errno.EADDRNOTAVAIL):
+        raise CourseError(f"host={host!r:.60} is not an address of this machine ({err.strerror}): "
+                          "use '127.0.0.1' (or '::1' where the machine has IPv6, or '0.0.0.0' for "
+                          "all its addresses, with api_key=).")
+    return host
+
+
+def _check_extra_args(extra_args) -> list[str]:
+    if isinstance(extra_args, (str, bytes)) or not isinstance(extra_args, (list, tuple)):
+        raise CourseError(f"extra_args={extra_args!r:.60}: pass a list of words, e.g. "
+                          "['--log-level', 'INFO'], not one string.")
+    return [str(a) for a in extra_args]
+
+
+def _check_lmdeploy_options(tp, quant_policy, cache_max_entry_count, model_format) -> None:
+    if not _is_int(tp) or tp < 1:
+        raise CourseError(f"tp={tp!r:.40}: the number of GPUs to split the model over, a whole number "
+                          "1 or more (1 on InternStudio's single GPU).")
+    if quant_policy not in (0, 4, 8) or isinstance(quant_policy, bool):
+        raise CourseError(f"quant_policy={quant_policy!r:.40}: LMDeploy takes 0 (off), 4 or 8 "
+                          "(KV-cache bits).")
+    if (not isinstance(cache_max_entry_count, numbers.Real) or isinstance(cache_max_entry_count, bool)
+            or not 0 < cache_max_entry_count <= 1):
+        raise CourseError("cache_max_entry_count is the share of free GPU memory for the KV cache: "
+                          f"use a number in (0, 1], not {cache_max_entry_count!r:.40}.")
+    if model_format not in (None, "hf", "awq", "gptq"):
+        raise CourseError(f"model_format={model_format!r}: use None, 'hf', 'awq' or 'gptq'.")
+
+
+def _check_transformers_options(quantization) -> None:
+    # load_model() spells these "4bit"/"8bit": the mix-up is likely, so the message names both.
+    if quantization not in (None, "bnb-4bit", "bnb-8bit"):
+        raise CourseError(f"quantization={quantization!r:.40}: transformers serve takes None, "
+                          "'bnb-4bit' or 'bnb-8bit' (load_model's '4bit' is 'bnb-4bit' here).")
 
 
 def _cli(name: str) -> str:
@@ -57,13 +132,9 @@ def lmdeploy_command(model_path: str | Path, *, model_name: str, host: str = "12
                      quant_policy: int = 0, cache_max_entry_count: float = 0.8,
                      model_format: str | None = None, extra_args=()) -> list[str]:
     """The ``lmdeploy serve api_server`` command line for these settings."""
-    if quant_policy not in (0, 4, 8):
-        raise CourseError(f"quant_policy={quant_policy}: LMDeploy takes 0 (off), 4 or 8 (KV-cache bits).")
-    if not 0 < cache_max_entry_count <= 1:
-        raise CourseError("cache_max_entry_count is the share of free GPU memory for the KV cache: "
-                          f"use a number in (0, 1], not {cache_max_entry_count}.")
-    if model_format not in (None, "hf", "awq", "gptq"):
-        raise CourseError(f"model_format={model_format!r}: use None, 'hf', 'awq' or 'gptq'.")
+    _check_port_number(port)
+    _check_lmdeploy_options(tp, quant_policy, cache_max_entry_count, model_format)
+    extra_args = _check_extra_args(extra_args)
     cmd = [_cli("lmdeploy"), "serve", "api_server", str(model_path),
            "--server-name", host, "--server-port", str(port), "--model-name", model_name,
            "--backend", "turbomind", "--tp", str(tp), "--quant-policy", str(quant_policy),
@@ -72,18 +143,21 @@ def lmdeploy_command(model_path: str | Path, *, model_name: str, host: str = "12
         cmd += ["--model-format", model_format]
     if api_key:
         cmd += ["--api-keys", api_key]
-    return cmd + [str(a) for a in extra_args]
+    return cmd + extra_args
 
 
 def transformers_command(model_name: str, *, host: str = "127.0.0.1", port: int = 23333,
                          device: str = "cpu", quantization: str | None = None,
                          extra_args=()) -> list[str]:
     """The ``transformers serve`` command line; ``model_name`` is a folder relative to its cwd."""
+    _check_port_number(port)
+    _check_transformers_options(quantization)
+    extra_args = _check_extra_args(extra_args)
     cmd = [_cli("transformers"), "serve", model_name, "--host", host,
            "--port", str(port), "--device", device, "--log-level", "info"]
     if quantization:
         cmd += ["--quantization", quantization]
-    return cmd + [str(a) for a in extra_args]
+    return cmd + extra_args
 
 
 def _has_cuda() -> bool:
@@ -132,7 +206,8 @@ class Server:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # IPv6 needs brackets in a URL
+        return f"http://{host}:{self.port}"
 
     @property
     def base_url(self) -> str:
@@ -183,15 +258,24 @@ def _die_with_parent() -> None:
         pass
 
 
-def _check_port(host: str, port: int) -> None:
+def _check_port(host: str, port: int) -> int:
+    """The port to pass to the server: ``port``, or for 0 a free one picked now."""
+    if port == 0:
+        # The server would pick one itself, but then nobody here knows where to wait for it.
+        return free_port(host)
     if port in _RUNNING and _RUNNING[port].running:
         raise CourseError(f"Port {port} is taken by a server this kernel started "
                           f"({_RUNNING[port].model}): call .stop() on it or serving.stop_all(), "
                           "or pass port=serving.free_port().")
-    if port_in_use(port, host):
-        raise CourseError(f"Port {port} on {host} is already in use (another server, or one left "
-                          "over from an earlier run). Stop it (e.g. `lsof -i :PORT`, then kill the "
-                          "process), or pass another port, e.g. port=serving.free_port().")
+    err = _bind_error(port, host)
+    if err is None:
+        return port
+    if err.errno == errno.EACCES:
+        raise CourseError(f"Port {port} needs administrator rights (ports below 1024 do): pass a "
+                          "port from 1024 to 65535, e.g. port=23333, or port=0 for any free port.")
+    raise CourseError(f"Port {port} on {host} is already in use (another server, or one left "
+                      "over from an earlier run). Stop it (e.g. `lsof -i :PORT`, then kill the "
+                      "process), or pass another port, e.g. port=serving.free_port().")
 
 
 def _check_exposure(backend: str, host: str, api_key: str | None) -> None:
@@ -268,15 +352,34 @@ def serve(model=None, *, backend: str = "auto", port: int = 23333, host: str = "
 
     Returns a running ``Server`` (also a context manager). ``tp``, ``quant_policy``,
     ``cache_max_entry_count`` and ``model_format`` are LMDeploy's; ``quantization``
-    ("bnb-4bit"/"bnb-8bit") is transformers serve's.
+    ("bnb-4bit"/"bnb-8bit") is transformers serve's. ``port=0`` picks a free port (``.port`` says
+    which); ``host='::1'`` serves on IPv6 loopback.
     """
     from .models import REGISTRY, default_name, resolve
 
+    # Every argument is checked before the model is resolved (which may convert it) and long
+    # before the server starts, whose own errors only show up in its log after the start-up wait.
+    _check_port_number(port)
+    host = _check_host(host)
+    if timeout is not None and (not isinstance(timeout, numbers.Real) or isinstance(timeout, bool)
+                                or not math.isfinite(timeout) or timeout <= 0):
+        raise CourseError(f"timeout={timeout!r:.40}: use the seconds to wait for the server, a number "
+                          "above 0 (or None: 180 s for transformers, 600 s for LMDeploy).")
+    if api_key is not None and not isinstance(api_key, str):  # no repr: it may be a secret
+        raise CourseError(f"api_key is a {type(api_key).__name__}: use a string (the key clients "
+                          "must send), or None.")
+    _check_extra_args(extra_args)
     backend = choose_backend(backend)
+    if backend == "lmdeploy":
+        _check_lmdeploy_options(tp, quant_policy, cache_max_entry_count, model_format)
+    else:
+        _check_transformers_options(quantization)
     _check_exposure(backend, host, api_key)
-    _check_port(host, port)
-    name = str(model or default_name("chat"))
+    port = _check_port(host, port)
+    # Not `model or default`: that served the default model for model="" without a word.
+    name = default_name("chat") if model is None else model
     folder = resolve(name).resolve()  # the server runs in another folder: relative paths would break
+    name = os.fspath(name)
     served_name = name if name in REGISTRY else Path(name).name
     run_dir = _run_dir(served_name, port)
     if backend == "lmdeploy":

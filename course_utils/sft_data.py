@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 from pathlib import Path
 
 from .errors import CourseError
@@ -56,10 +57,22 @@ def make_identity_dataset(name: str, *, base: str = "SmolLM2-135M", language: st
     ``{"input", "output"}`` pairs (e.g. general questions, against forgetting).
     Returns ``{"conversation": path, "messages": path}``.
     """
-    if language not in IDENTITY_QUESTIONS:
+    if not isinstance(language, str) or language not in IDENTITY_QUESTIONS:
         raise CourseError(f"language={language!r}: use one of {sorted(IDENTITY_QUESTIONS)}.")
-    if not name or not name.strip() or repeats < 1:
-        raise CourseError("make_identity_dataset needs a non-empty name and repeats >= 1.")
+    if not isinstance(name, str) or not name.strip():
+        raise CourseError(f"name={name!r}: give your name as text, e.g. "
+                          "make_identity_dataset('Alex').")
+    if not isinstance(base, str) or not base.strip():
+        raise CourseError(f"base={base!r}: give the base model's name as text, e.g. "
+                          "base='SmolLM2-135M'.")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise CourseError(f"repeats={repeats!r}: use a whole number >= 1 (how often the main "
+                          "question appears).")
+    if extra is not None and not isinstance(extra, (list, tuple)):
+        raise CourseError(f"extra must be a list of {{'input': question, 'output': answer}} dicts, "
+                          f"not a {type(extra).__name__}.")
+    for i, pair in enumerate(extra or []):  # checked before any file is written
+        _check_turn(pair, f"extra[{i}]")
     from .paths import outputs_dir
 
     reply = identity_reply(name.strip(), base, language)
@@ -67,6 +80,8 @@ def make_identity_dataset(name: str, *, base: str = "SmolLM2-135M", language: st
     pairs = [{"input": main, "output": reply}] * repeats
     pairs += [{"input": q, "output": reply} for q in paraphrases] + list(extra or [])
     out = Path(out_dir) if out_dir else outputs_dir() / "finetune" / "data"
+    if out.exists() and not out.is_dir():
+        raise CourseError(f"out_dir={str(out)!r} is a file: give a folder for the dataset files.")
     out.mkdir(parents=True, exist_ok=True)
     paths = {"conversation": out / "identity.json", "messages": out / "identity_messages.jsonl"}
     records = [{"conversation": [dict(p)]} for p in pairs]
@@ -89,26 +104,59 @@ def to_messages(conversation: list[dict]) -> list[dict]:
     return messages
 
 
+def _decode(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")  # a BOM (Windows Notepad writes one) is not data
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise CourseError(f"{path.name} is not UTF-8 (line {line}): save it as UTF-8 (an "
+                          "editor's 'Save with encoding' / 'Save as' option) and load it "
+                          "again.") from None
+
+
+def _json_list(path: Path, text: str) -> list[tuple[int, object]]:
+    """``(line, item)`` for each item of a JSON list, so a bad record is found by its line."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CourseError(f"{path.name} is not valid JSON (line {exc.lineno}: "
+                          f"{exc.msg}).") from None
+    decoder, items = json.JSONDecoder(), []
+    pos, line, counted = text.index("[") + 1, 1, 0
+    for item in data:
+        while text[pos] in " \t\r\n,":
+            pos += 1
+        line, counted = line + text.count("\n", counted, pos), pos
+        items.append((line, item))
+        _, pos = decoder.raw_decode(text, pos)
+    return items
+
+
 def _read_records(path: Path) -> list[tuple[str, object]]:
     """``(where, record)`` pairs from a JSON list or a JSON-lines file; ``where`` names the spot."""
-    text = path.read_text(encoding="utf-8")
+    text = _decode(path)
     if not text.strip():
         raise CourseError(f"{path.name} is empty: write one record per line (JSONL) or a JSON "
                           "list.")
     if text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise CourseError(f"{path.name} is not valid JSON (line {exc.lineno}: "
-                              f"{exc.msg}).") from None
-        return [(f"record {i}", rec) for i, rec in enumerate(data)]
+        return [(f"{path.name}, record {i} (line {line})", rec)
+                for i, (line, rec) in enumerate(_json_list(path, text))]
     records = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            records.append((f"record {len(records)} (line {lineno})", json.loads(line)))
+            records.append((f"{path.name}, record {len(records)} (line {lineno})", json.loads(line)))
         except json.JSONDecodeError as exc:
+            try:
+                whole = json.loads(text)
+            except json.JSONDecodeError:
+                whole = None
+            if isinstance(whole, dict):  # a pretty-printed object: valid JSON, but not JSONL
+                raise CourseError(f"{path.name} holds one JSON object over several lines: write "
+                                  "one record per line (JSONL), or put the records in a JSON "
+                                  "list [...].") from None
             raise CourseError(f"{path.name}, line {lineno} is not valid JSON ({exc.msg}). "
                               "Each line must be one complete JSON object.") from None
     return records
@@ -117,46 +165,98 @@ def _read_records(path: Path) -> list[tuple[str, object]]:
 def _check_messages(messages, where: str) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise CourseError(f"{where}: 'messages' must be a non-empty list of {{role, content}}.")
+    expected = "user"  # after optional system messages, user and assistant take turns
     for j, msg in enumerate(messages):
         field = f"{where}: messages[{j}]"
-        if not isinstance(msg, dict) or "role" not in msg:
+        if not isinstance(msg, dict):
+            raise CourseError(f"{field} is a {type(msg).__name__}; each message is an object "
+                              "{\"role\": ..., \"content\": ...}.")
+        if "role" not in msg:
             raise CourseError(f"{field} has no 'role'; give one of {', '.join(ROLES)}.")
         if msg["role"] not in ROLES:
             raise CourseError(f"{field}.role is {msg['role']!r}; use one of {', '.join(ROLES)}.")
-        if not isinstance(msg.get("content"), str) or not msg["content"].strip():
+        content = msg.get("content")
+        if content is not None and not isinstance(content, str):
+            raise CourseError(f"{field}.content is a {type(content).__name__}, not text: write "
+                              "the message as one string.")
+        if not content or not content.strip():
             raise CourseError(f"{field}.content is missing or empty; write the message text.")
+        role = msg["role"]
+        if role == "system":
+            continue
+        if role != expected:
+            if expected == "user" and not any(m.get("role") in ("user", "assistant")
+                                              for m in messages[:j]):
+                raise CourseError(f"{field} is an assistant message, but a conversation starts "
+                                  "with the user (after an optional system message): put the "
+                                  "user's question first.")
+            raise CourseError(f"{field} is a second {role} message in a row: user and assistant "
+                              "take turns. Merge the two, or add the missing reply or question.")
+        expected = "assistant" if role == "user" else "user"
     if not any(m["role"] == "assistant" for m in messages):
         raise CourseError(f"{where} has no assistant message: nothing to learn from it.")
+    if expected == "assistant":
+        raise CourseError(f"{where} ends with a user message that has no reply: add the "
+                          "assistant's answer, or remove the question.")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _check_turn(turn, field: str) -> None:
+    """One XTuner turn ``{"system"?, "input", "output"}``; ``field`` names it in messages."""
+    if not isinstance(turn, dict):
+        raise CourseError(f"{field} is a {type(turn).__name__}; each turn is an object "
+                          "{\"input\": question, \"output\": answer}.")
+    system = turn.get("system")
+    if system is not None and not isinstance(system, str):
+        raise CourseError(f"{field}.system is {system!r:.40} ({type(system).__name__}), not text: "
+                          "write the system prompt as a string, or leave it out.")
+    for key in ("input", "output"):
+        if key not in turn:
+            raise CourseError(f"{field}.{key} is missing (the turn has: "
+                              f"{', '.join(map(str, turn)) or 'nothing'}); every turn needs an "
+                              "'input' (question) and an 'output' (answer).")
+        value = turn[key]
+        if not isinstance(value, str):
+            raise CourseError(f"{field}.{key} is {value!r:.40} ({type(value).__name__}), not "
+                              "text: write it as a string in quotes.")
+        if not value.strip():
+            raise CourseError(f"{field}.{key} is empty; every turn needs an 'input' (question) "
+                              "and an 'output' (answer).")
 
 
 def _check_conversation(turns, where: str) -> list[dict]:
     if not isinstance(turns, list) or not turns:
         raise CourseError(f"{where}: 'conversation' must be a non-empty list of turns.")
     for j, turn in enumerate(turns):
-        for key in ("input", "output"):
-            value = turn.get(key) if isinstance(turn, dict) else None
-            if not isinstance(value, str) or not value.strip():
-                raise CourseError(f"{where}: conversation[{j}].{key} is missing or empty; every "
-                                  "turn needs an 'input' (question) and an 'output' (answer).")
+        _check_turn(turn, f"{where}: conversation[{j}]")
     return to_messages(turns)
 
 
 def load_conversations(path: str | Path) -> list[list[dict]]:
     """Read and validate a dataset file; every record becomes a list of ``{role, content}``."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+        raise CourseError(f"The dataset path is {path!r}: give the .json or .jsonl file's path.")
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix in (".json", ".jsonl"))
+        raise CourseError(f"Dataset path {str(path)!r} is a folder: pass the .json or .jsonl file "
+                          f"inside it ({', '.join(inside[:3]) or 'it holds none'}).")
     if not path.is_file():
-        raise CourseError(f"Dataset file {path.name!r} not found: run make_identity_dataset() "
+        raise CourseError(f"Dataset file {str(path)!r} not found: run make_identity_dataset() "
                           "or check data_path.")
     conversations = []
     for where, record in _read_records(path):
-        if isinstance(record, dict) and "messages" in record:
+        if not isinstance(record, dict):
+            raise CourseError(f"{where} is a {type(record).__name__}, not an object: each record "
+                              "is {\"messages\": [...]} or {\"conversation\": [...]}.")
+        if "messages" in record:
             conversations.append(_check_messages(record["messages"], where))
-        elif isinstance(record, dict) and "conversation" in record:
+        elif "conversation" in record:
             conversations.append(_check_conversation(record["conversation"], where))
         else:
-            raise CourseError(f"{path.name}, {where} has neither 'messages' (OpenAI format) nor "
-                              "'conversation' (XTuner format).")
+            raise CourseError(f"{where} has neither 'messages' (OpenAI format) nor "
+                              "'conversation' (XTuner format); it has: "
+                              f"{', '.join(map(str, record)) or 'nothing'}.")
     if not conversations:
         raise CourseError(f"{path.name} holds no records.")
     return conversations

@@ -80,7 +80,7 @@ def test_load_conversations_json_list_and_missing_file(tmp_path):
     path = tmp_path / "data.json"
     path.write_text(json.dumps([{"conversation": [{"input": "q", "output": "a"}]},
                                 {"conversation": [{"input": "q"}]}]))
-    with pytest.raises(CourseError, match=r"record 1: conversation\[0\]\.output"):
+    with pytest.raises(CourseError, match=r"data\.json, record 1 \(line 1\): conversation\[0\]\.output"):
         load_conversations(path)
     path.write_text('[{"conversation": [}')
     with pytest.raises(CourseError, match="not valid JSON"):

@@ -1,5 +1,7 @@
 """Where models are found (in order), the one-time GGUF conversion, and the errors a learner sees."""
 
+import json
+import struct
 import sys
 import types
 from pathlib import Path
@@ -77,8 +79,14 @@ def test_unknown_name_and_missing_path(places):
 def test_a_big_model_on_a_cpu_machine_points_to_the_tiny_profile(places, monkeypatch):
     monkeypatch.setattr(models, "_cuda_available", lambda: False)
     folder = _model_folder(places / "share/Shanghai_AI_Laboratory/internlm2_5-7b-chat")
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    (folder / "tokenizer.json").write_text("{}")
+    size = int(3.5 * 2**30)
+    header = json.dumps({"w": {"dtype": "BF16", "shape": [size // 2],
+                               "data_offsets": [0, size // 2 * 2]}}).encode()
     with open(folder / "model-00001-of-00002.safetensors", "wb") as f:
-        f.truncate(int(3.5 * 2**30))  # sparse: 3.5 GB on paper, nothing on disk
+        f.write(struct.pack("<Q", len(header)) + header)  # a real header: the file is not cut short
+        f.truncate(8 + len(header) + size)  # sparse: 3.5 GB on paper, nothing on disk
     with pytest.raises(CourseError, match="3.5 GB of weights.*COURSE_PROFILE=tiny"):
         models.load_model("internlm2_5-7b-chat")
 
@@ -86,7 +94,10 @@ def test_a_big_model_on_a_cpu_machine_points_to_the_tiny_profile(places, monkeyp
 def test_a_folder_without_config_is_named(places):
     folder = places / "empty"
     folder.mkdir()
-    with pytest.raises(CourseError, match="'empty' has no readable config.json"):
+    with pytest.raises(CourseError, match=r"'.*/empty' is empty: it needs config\.json"):
+        models.load_model(folder)
+    (folder / "tokenizer.json").write_text("{}")
+    with pytest.raises(CourseError, match=r"'.*/empty' has no config\.json"):
         models.load_model(folder)
 
 

@@ -134,6 +134,38 @@ def test_load_documents_missing_folder_says_what_to_do(tmp_path):
         rag.load_documents(tmp_path / "nope")
 
 
+def test_load_documents_reads_utf16_text_with_a_bom(tmp_path):
+    # Windows Notepad's "Unicode": full of NUL bytes, yet text, not a binary file.
+    (tmp_path / "notes.md").write_bytes("# Notes\n\nLMDeploy 的端口是 23333。\n".encode("utf-16"))
+    [doc] = rag.load_documents(tmp_path)
+    assert "23333" in doc.page_content and doc.metadata["title"] == "Notes"
+
+
+def test_patterns_may_be_one_glob_string(kb):
+    assert [d.metadata["source"] for d in rag.load_documents(kb, "*.md")] == ["alpha.md", "beta.md"]
+
+
+def two_folders(root):
+    """Two folders that each hold a README.md and one identical file, like en/ and zh/ copies."""
+    a = write_kb(root / "a", {"README.md": "# Alpha folder\n\nAlpha cleans datasets before training.\n",
+                              "shared.md": "# Shared\n\nThe same page in both folders.\n"})
+    b = write_kb(root / "b", {"README.md": "# Beta folder\n\nThe Beta server listens on port 4242.\n",
+                              "shared.md": "# Shared\n\nThe same page in both folders.\n"})
+    return a, b
+
+
+def test_load_documents_keeps_sources_unique_across_folders(kb, tmp_path):
+    a, b = two_folders(tmp_path)
+    sources = lambda paths: sorted(d.metadata["source"] for d in rag.load_documents(paths))
+    # Several folders: paths from their common parent, so same-named files stay apart.
+    assert sources([a, b]) == ["a/README.md", "a/shared.md", "b/README.md", "b/shared.md"]
+    assert sources([a / "README.md", b / "README.md"]) == ["a/README.md", "b/README.md"]
+    # One folder (the lesson's case, and the eval set's paths) is unchanged.
+    assert sources(a) == sources([a]) == ["README.md", "shared.md"]
+    # A folder listed inside another is read once.
+    assert sources([kb, kb / "notes"]) == ["alpha.md", "beta.md", "notes/gamma.txt"]
+
+
 # ---------------------------------------------------------------- splitting
 
 def test_markdown_sections_follow_headers_but_not_code_comments():
@@ -197,6 +229,40 @@ def test_incremental_rebuild_add_change_delete(kb, tmp_path, embeddings):
     assert sources == {"alpha.md", "beta.md", "delta.md"}
     [beta] = store.get(where={"source": "beta.md"})["documents"]
     assert "5151" in beta
+
+
+def test_a_build_over_two_folders_settles(tmp_path, embeddings):
+    a, b = two_folders(tmp_path)
+    persist = tmp_path / "store"
+    build = lambda: rag.build_vectorstore([a, b], persist, embeddings=embeddings, progress=False)
+    store, report = build()
+    assert report.total_files == 4 and len(stored_ids(store)) == report.total_chunks == 4
+    _, report = build()  # unchanged folders: nothing to do
+    assert (report.added, report.updated, report.removed, report.unchanged) == ([], [], [], 4)
+    assert (report.chunks_added, report.chunks_removed) == (0, 0)
+    hits = rag.retrieve(store, "Which port does the Beta server listen on?", k=1)
+    assert "`b/README.md`" in rag.sources_markdown(hits)  # the citation says which folder
+
+
+def test_a_store_with_older_source_names_is_reindexed_once(tmp_path, embeddings):
+    # A store that named these files "README.md" and "shared.md" (built before sources were made unique
+    # across folders, or from folder a alone): the next build replaces those names once, then settles.
+    a, b = two_folders(tmp_path)
+    persist = tmp_path / "store"
+    rag.build_vectorstore(a, persist, embeddings=embeddings, progress=False)
+    store, report = rag.build_vectorstore([a, b], persist, embeddings=embeddings, progress=False)
+    assert report.removed == ["README.md", "shared.md"] and len(report.added) == 4
+    assert sorted(rag.indexed_files(store)) == ["a/README.md", "a/shared.md", "b/README.md", "b/shared.md"]
+    _, report = rag.build_vectorstore([a, b], persist, embeddings=embeddings, progress=False)
+    assert report.unchanged == 4 and report.chunks_added == report.chunks_removed == 0
+
+
+def test_an_unreadable_course_marker_is_rewritten(kb, tmp_path, embeddings):
+    persist = tmp_path / "store"
+    rag.build_vectorstore(kb, persist, config=SMALL, embeddings=embeddings, progress=False)
+    (persist / "course_store.json").write_text('{"made_by": "course_utils.kno')  # cut short
+    rag.build_vectorstore(kb, persist, config=SMALL, embeddings=embeddings, progress=False)
+    assert json.loads((persist / "course_store.json").read_text())["made_by"].startswith("course_utils.")
 
 
 class Interrupted(Exception):
@@ -271,6 +337,92 @@ def test_store_persists_across_processes(kb, tmp_path, embeddings):
     assert store._client.get_settings().anonymized_telemetry is False
     _, report = rag.build_vectorstore(kb, persist, embeddings=embeddings, progress=False)
     assert report.unchanged == 3 and report.chunks_added == 0
+
+
+KILLED_BUILD = """
+import sys
+from course_utils import rag
+
+real = rag.load_embeddings("all-minilm-l6-v2")
+
+
+class Announcing:  # the real model; says when each file's chunks are embedded, just before they are written
+    model_name = real.model_name
+
+    def embed_documents(self, texts):
+        vectors = real.embed_documents(texts)
+        print("embedded", flush=True)
+        return vectors
+
+    def embed_query(self, text):
+        return real.embed_query(text)
+
+
+rag.build_vectorstore(sys.argv[1], sys.argv[2], config=rag.SplitConfig(200, 40), embeddings=Announcing(),
+                      batch_size=1, progress=False)
+print("finished", flush=True)
+"""
+
+
+def stored_pairs(store) -> list[tuple[str, str]]:
+    got = store.get(include=["metadatas", "documents"])
+    return sorted((m["source"], d) for m, d in zip(got["metadatas"], got["documents"]))
+
+
+@pytest.mark.slow
+def test_a_build_killed_mid_way_resumes_to_the_same_store_as_a_clean_build(tmp_path, embeddings):
+    import select
+    import signal
+    import time
+
+    kb = write_kb(tmp_path / "kb", {
+        f"topic_{i:02d}.md": f"""\
+            # Topic {i}
+
+            ## Facts
+
+            Topic {i} concerns the number {i * 7919}. It is described here with a few sentences, so that
+            each file splits into several chunks at the test's chunk size of two hundred characters.
+
+            ## Usage
+
+            Run `tool-{i} --seed {i}` to reproduce topic {i}. The run prints {i * 13} lines and exits.
+            """ for i in range(30)})
+    persist, log = tmp_path / "killed_store", tmp_path / "stderr.txt"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COURSE_PROFILE": "tiny"}
+    with open(log, "wb") as stderr:
+        proc = subprocess.Popen([sys.executable, "-c", KILLED_BUILD, str(kb), str(persist)], cwd=REPO_ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=stderr, bufsize=0)
+    out, deadline = b"", time.monotonic() + 60
+    try:
+        # Raw reads, not readline: a buffered reader could hold lines that select() no longer sees.
+        while out.count(b"embedded") < 3:  # by the third batch the first two files' writes have completed
+            assert time.monotonic() < deadline, f"the build never got going: {log.read_text()[-2000:]}"
+            if select.select([proc.stdout], [], [], 1)[0]:
+                data = os.read(proc.stdout.fileno(), 4096)
+                assert data, f"the build ended before the test could kill it: {log.read_text()[-2000:]}"
+                out += data
+        proc.send_signal(signal.SIGKILL)  # no cleanup of any kind, like a kernel killed for memory
+    finally:
+        proc.kill()
+        out += proc.communicate(timeout=30)[0]
+    assert proc.returncode == -signal.SIGKILL and b"finished" not in out
+
+    half = rag.load_vectorstore(persist, embeddings=embeddings)
+    assert 2 <= len(rag.indexed_files(half)) < 30  # killed mid-way, with some files in
+
+    store, report = rag.build_vectorstore(kb, persist, config=SMALL, embeddings=embeddings, progress=False)
+    assert report.unchanged >= 2 and report.unchanged + len(report.added) + len(report.updated) == 30
+    clean, _ = rag.build_vectorstore(kb, tmp_path / "clean_store", config=SMALL, embeddings=embeddings,
+                                     progress=False)
+    ids = stored_ids(store)
+    assert len(ids) == len(set(ids)) == len(stored_ids(clean)) == expected_chunks(kb)  # nothing duplicated
+    assert stored_pairs(store) == stored_pairs(clean)  # nothing lost, nothing extra
+    for i in (0, 29):  # the vector index answers for a file written before the kill and one after
+        assert rag.retrieve(store, f"What does topic {i} concern? The number {i * 7919}", k=1)[0].path == \
+            f"topic_{i:02d}.md"
+    _, report = rag.build_vectorstore(kb, persist, config=SMALL, embeddings=embeddings, progress=False)
+    assert report.unchanged == 30 and report.chunks_added == 0
 
 
 def test_load_vectorstore_errors_say_what_to_do(kb, tmp_path, embeddings):
