@@ -16,10 +16,12 @@ SIM_STAMP := $(SIM_VENV)/.course-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export PYTHONHASHSEED ?= 0
+# Runs whose outputs are stored or compared print each progress bar's final line (course_utils/progress.py).
+export COURSE_HEADLESS ?= 1
 # Jupyter prints a warning on every kernel start without this.
 export JUPYTER_PLATFORM_DIRS ?= 1
 
-.PHONY: help setup models browser sandbox course test unit nbval homework-nbval browser-test sim-setup sim gpu-check notebooks lab doctor bench screenshots grade lock clean
+.PHONY: help setup models browser sandbox toolchain course test unit nbval homework-nbval browser-test sim-setup sim gpu-check notebooks lab doctor bench screenshots grade lock clean
 
 help:
 	@echo "make course     set up, then execute every lesson into build/ (HTML too) and print a table"
@@ -27,6 +29,7 @@ help:
 	@echo "make notebooks  re-execute the notebooks in place so stored outputs match the code"
 	@echo "make lab        JupyterLab on notebooks/"
 	@echo "make doctor     versions, devices, profile and models"
+	@echo "make toolchain  the InternStudio env in .venv-sim, whose xtuner/opencompass the lessons run"
 	@echo "make sim        InternStudio on this CPU: the GPU lock + a tiny InternLM2.5 checkpoint (CI runs it)"
 	@echo "make gpu-check  on a CUDA machine: the whole GPU path, report in build/gpu-check/"
 
@@ -56,10 +59,13 @@ $(SIM_STAMP): $(SIM_VENV)/bin/python requirements/gpu.txt requirements/models.tx
 
 sim-setup: $(SIM_STAMP)
 
+# The lessons run the bootcamp's own CLIs (xtuner, opencompass) from this env: course_utils/toolchain.py.
+toolchain: sim-setup
+
 models: setup
 	$(PY) -m course_utils prepare
 
-course: models sandbox
+course: models sandbox toolchain
 	$(PY) -m course_utils run $(NOTEBOOKS) --out build
 
 # Debian's chromium for the browser tests (Playwright drives it by path; no browser download), plus a
@@ -76,10 +82,10 @@ sandbox:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; \
 	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; fi; }
 
-unit: models sandbox
+unit: models sandbox toolchain
 	$(PY) -m pytest -q tests
 
-nbval: models
+nbval: models toolchain
 	$(PY) -m pytest -q -p no:cacheprovider --nbval $(NBVAL) $(NOTEBOOKS)
 
 # Student versions as shipped: every task unfinished, every check must still run (lax: no output compare).
@@ -98,18 +104,18 @@ sim: models sim-setup
 gpu-check:
 	python tools/gpu_check.py --out build/gpu-check
 
-test: models browser sandbox
+test: models browser sandbox toolchain
 	$(PY) -m pytest -q tests
 	$(PY) -m pytest -q -p no:cacheprovider --nbval $(NBVAL) $(NOTEBOOKS)
 	$(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env $(HOMEWORK)
 	$(PY) -m pytest -q -p no:cacheprovider tests/browser
 	$(MAKE) sim
 
-notebooks: models sandbox
+notebooks: models sandbox toolchain
 	$(PY) -m course_utils run $(NOTEBOOKS) --inplace
 
-lab: models sandbox
-	$(VENV)/bin/jupyter lab --ip 127.0.0.1 notebooks/
+lab: models sandbox toolchain
+	COURSE_HEADLESS=0 $(VENV)/bin/jupyter lab --ip 127.0.0.1 notebooks/
 
 doctor: setup
 	$(PY) -m course_utils doctor

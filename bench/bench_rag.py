@@ -1,7 +1,8 @@
 """Lesson 3 benchmark: index-build throughput next to raw embedding throughput, and query latency.
 
     .venv/bin/python bench/bench_rag.py            # throughput and latency (about a minute on 2 cores)
-    .venv/bin/python bench/bench_rag.py --tune     # also the chunking x retrieval grid (hit@k, MRR)
+    .venv/bin/python bench/bench_rag.py --tune     # also the chunking x retrieval grid (hit@k, MRR),
+                                                   # saved to data/rag_eval/tuning_<profile>.json for lesson 3
 
 Both throughputs use the same model on the same chunks in the same run, so their ratio is the cost
 of everything around the embedding (splitting, hashing, Chroma writes).
@@ -10,6 +11,7 @@ of everything around the embedding (splitting, hashing, Chroma writes).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import tempfile
@@ -82,11 +84,24 @@ def tune(kb: Path, embeddings, qa) -> list[dict]:
     return rows
 
 
+def save_tuning(rows: list[dict], path: Path, n_questions: int) -> None:
+    """The grid as JSON: lesson 3 renders its tuning table from this file instead of typing the numbers."""
+    from course_utils.models import default_name, spec
+
+    record = {"profile": profile(), "embedding": spec(default_name("embedding")).hf_id.split("/")[-1],
+              "questions": n_questions, "rows": rows}  # MRR: ranks within each row's top k
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"saved {path.relative_to(DATA_DIR.parent) if path.is_relative_to(DATA_DIR.parent) else path}")
+
+
 def main() -> None:
     """Throughput, latency and retrieval quality at the defaults; with --tune the whole grid."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kb", type=Path, default=DATA_DIR / "knowledge_base")
     parser.add_argument("--tune", action="store_true", help="also run the chunking x retrieval grid")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where --tune saves the grid (default data/rag_eval/tuning_<profile>.json)")
     args = parser.parse_args()
 
     print(f"profile {profile()}, {load()}")
@@ -109,6 +124,7 @@ def main() -> None:
     if args.tune:
         rows = tune(args.kb, embeddings, qa)
         print(rag.markdown_table(rows))
+        save_tuning(rows, args.out or DATA_DIR / "rag_eval" / f"tuning_{profile()}.json", len(qa))
 
 
 if __name__ == "__main__":

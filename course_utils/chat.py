@@ -560,15 +560,26 @@ def _markdown_html(text: str) -> str:
 class ChatWidget:
     """An ipywidgets chat (input, Send, Stop, Clear, sliders, streamed Markdown) for any chat session."""
 
-    def __init__(self, session, *, title: str = "Chat", height: str = "360px"):
+    def __init__(self, session, *, title: str = "Chat", height: str = "480px"):
         import ipywidgets as w
 
         self.session = session
-        self.log = w.VBox()
-        # A column-reverse box keeps its scroll position pinned to the bottom as the log grows, so
-        # the newest message stays in view without JavaScript; the log inside keeps reading order.
-        scroller = w.Box([self.log], layout=w.Layout(height=height, overflow_y="auto", padding="4px",
-                                                     border="1px solid #ddd", flex_flow="column-reverse"))
+        # flex "0 0 auto": the log keeps its full height inside the scrolling box (ipywidgets lets a box's
+        # children shrink, and a shrunk log spills its messages past the box instead of scrolling).
+        # overflow "visible": ipywidgets gives every box overflow auto, which would make the log the
+        # sticky question's scroll container, so it would never stick.
+        self.log = w.VBox(layout=w.Layout(flex="0 0 auto", overflow="visible"))
+        # The log reads top to bottom, oldest first. The box around it grows with the conversation up
+        # to ``height`` (a short chat shows whole, with no empty band above it); past that, its
+        # column-reverse flow keeps the scroll pinned to the newest message without JavaScript, and
+        # the question being answered sticks to the top of the box (``_STYLE``), so a long reply
+        # never scrolls its own question out of sight.
+        # ``overflow``, not ``overflow_y``: ipywidgets 8 dropped overflow_x/y and ignores them silently
+        # (the box then never scrolled: older messages spilled out of its top, hidden by the cell).
+        scroller = w.Box([self.log], layout=w.Layout(max_height=height, overflow="auto",
+                                                     padding="4px", border="1px solid #ddd",
+                                                     flex_flow="column-reverse"))
+        scroller.add_class("course-chat-scroller")
         self.text = w.Textarea(placeholder="Type a message, then Send", rows=2,
                                layout=w.Layout(width="100%"))
         self.send_button = w.Button(description="Send", button_style="primary")
@@ -587,7 +598,7 @@ class ChatWidget:
         self.stop_button.on_click(lambda _: self.session.stop())
         self.clear_button.on_click(lambda _: self.clear())
         buttons = w.HBox([self.send_button, self.stop_button, self.clear_button])
-        self.view = w.VBox([w.HTML(f"<b>{title}</b>"), scroller, self.text, buttons,
+        self.view = w.VBox([w.HTML(f"<b>{title}</b>{self._STYLE}"), scroller, self.text, buttons,
                             w.HBox([self.temperature, self.max_tokens]), self.status])
         # Stable names for styling and for the browser tests (labels may be translated).
         for part, name in [(self.view, "chat"), (self.log, "log"), (self.text, "input"),
@@ -597,6 +608,10 @@ class ChatWidget:
             part.add_class("course-chat" if name == "chat" else f"course-chat-{name}")
         self._thread: threading.Thread | None = None
         self.last_reply = ""
+
+    # ipywidgets' Layout has no ``position``: a style element in the title carries the sticky rule.
+    _STYLE = ("<style>.course-chat-current{position:sticky;top:0;z-index:1;"
+              "background:var(--jp-layout-color0,#fff);border-bottom:1px solid #eee}</style>")
 
     def _repr_mimebundle_(self, **kwargs):
         bundle = self.view._repr_mimebundle_(**kwargs)
@@ -637,7 +652,11 @@ class ChatWidget:
         return None
 
     def _run(self, text: str) -> None:
-        self.log.children += (self._bubble("user", text), self._bubble("assistant", "…"))
+        question = self._bubble("user", text)
+        for earlier in self.log.children:  # only the newest question sticks to the top
+            earlier.remove_class("course-chat-current")
+        question.add_class("course-chat-current")
+        self.log.children += (question, self._bubble("assistant", "…"))
         bubble, reply = self.log.children[-1], ""
         self.send_button.disabled, self.stop_button.disabled = True, False
         self.status.value = "generating…"

@@ -468,7 +468,12 @@ def _oc_model(model, index: int, mode: str, served_model: str, num_gpus: int) ->
         settings = ", ".join(f"{k}={_py(v)}" for k, v in {"path": _oc_path(name), **run}.items())
         return line, f"[dict(m, {settings}) for m in {var}]"
     # ppl scores each option with the plain model: only HuggingFaceBaseModel has get_ppl.
-    path = _oc_path(name) if name in OC_MODEL_CONFIGS else REGISTRY[name].hf_id if name in REGISTRY else name
+    if name in OC_MODEL_CONFIGS:
+        path = _oc_path(name)
+    elif name in REGISTRY:  # the copy this machine already has (offline), else the hub id
+        path = str(locate(name)[1] or REGISTRY[name].hf_id)
+    else:
+        path = name
     spec = {"type": "HuggingFaceBaseModel" if mode == "ppl" else "HuggingFacewithChatTemplate",
             "abbr": name if name in REGISTRY else Path(name).name or f"model{index}", "path": path,
             "max_out_len": 256, "batch_size": 8, **run}

@@ -48,6 +48,10 @@ class LocalLM:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._keep_ok = True  # whether forward() takes logits_to_keep (older remote-code models do not)
 
+    def fingerprint(self) -> str:
+        """A short hash of the weights as they are now (quantizing or an adapter changes it)."""
+        return weights_fingerprint(self.model)
+
     def render(self, messages: list[dict], style: str, language: str) -> str:
         """The prompt text: the model's chat template, or a plain completion prompt."""
         if style == "chat":
@@ -202,6 +206,10 @@ class EndpointLM:
         self.model = model or self._first_model()
         self.abbr, self.batch_size = abbr or f"api-{Path(self.model).name}", batch_size
 
+    def fingerprint(self) -> str:
+        """The served model's name: a server does not expose its weights, so this is the best it can say."""
+        return f"api:{self.model}"
+
     def _first_model(self) -> str:
         import openai
 
@@ -258,6 +266,10 @@ class EndpointLM:
             raise CourseError(self._no_logprobs("its logprobs do not cover the prompt (no echo)"))
         return float(sum(picked)), len(picked)
 
+    def check_logprobs(self) -> None:
+        """One short request: raise the CourseError of ``_score`` now if the server gives no prompt logprobs."""
+        self._score("The sky is", " blue")
+
     def _no_logprobs(self, why: str) -> str:
         return (f"mode='ppl' needs the prompt's token logprobs from {self.base_url}, but {why}. "
                 "transformers serve ignores `echo`/`logprobs`; vLLM's server supports them. Use "
@@ -288,6 +300,25 @@ def load_lm(model, *, abbr: str | None = None, adapter: str | os.PathLike | None
 
         hf_model = PeftModel.from_pretrained(hf_model, str(adapter)).eval()
     return LocalLM(hf_model, tokenizer, abbr=abbr, batch_size=batch_size, padding_side=padding_side)
+
+
+def weights_fingerprint(model) -> str:
+    """A 12-digit hash of a model's weights, so two prediction sets can show they come from different weights.
+
+    Up to 4096 evenly spaced values of every tensor (and every tensor's name, shape and dtype) are
+    hashed: fast for any size, and a fine-tune, a merged or loaded adapter or quantization all change it.
+    """
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha1()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        sample = flat[::max(1, flat.numel() // 4096)].contiguous().cpu()
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(sample.view(torch.uint8).numpy().tobytes())  # bytes: bf16 has no numpy dtype
+    return digest.hexdigest()[:12]
 
 
 # ---- inferencers -------------------------------------------------------------------------------
@@ -348,6 +379,7 @@ class EvalResult:
     out_dir: Path
     predictions_path: Path
     results_path: Path
+    weights: str | None = None  # weights_fingerprint of the model that made the predictions
 
     @property
     def summary(self):
@@ -431,24 +463,26 @@ def _check_arguments(*, reuse, abbr, batch_size, max_out_len, padding_side) -> N
 
 
 def _infer(lm, data: EvalDataset, todo: list[dict], path: Path, *, mode: str, shots: int, style: str,
-           version: str, target: str, max_out_len: int, progress: bool) -> float:
+           version: str, target: str, max_out_len: int, progress: bool, weights: str | None) -> float:
     """Run the inferencer batch by batch, appending predictions as they come (so a stop loses little)."""
-    from tqdm.auto import tqdm
+    from .progress import progress as progress_bar
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=len(todo), desc=f"{lm.abbr} {data.name} {mode}", unit="question", disable=not progress)
-    start = time.perf_counter()
-    for i in range(0, len(todo), lm.batch_size):
-        chunk = todo[i:i + lm.batch_size]
-        if mode == "ppl":
-            rows = predict_ppl(lm, data, chunk, shots=shots, style=style, version=version, target=target)
-        else:
-            rows = predict_gen(lm, data, chunk, shots=shots, style=style, version=version,
-                               max_out_len=max_out_len)
-        with open(path, "a", encoding="utf-8") as f:  # whole lines, so a stop can only tear the last one
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        bar.update(len(chunk))
-    bar.close()
+    desc = f"{lm.abbr} {data.name} {mode}"
+    with progress_bar(total=len(todo), desc=desc, unit="question", disable=not progress) as bar:
+        start = time.perf_counter()
+        for i in range(0, len(todo), lm.batch_size):
+            chunk = todo[i:i + lm.batch_size]
+            if mode == "ppl":
+                rows = predict_ppl(lm, data, chunk, shots=shots, style=style, version=version, target=target)
+            else:
+                rows = predict_gen(lm, data, chunk, shots=shots, style=style, version=version,
+                                   max_out_len=max_out_len)
+            for row in rows:  # which weights made it: a new abbr alone does not make a new model
+                row["weights"] = weights
+            with open(path, "a", encoding="utf-8") as f:  # whole lines, so a stop can only tear the last one
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+            bar.update(len(chunk))
     return time.perf_counter() - start
 
 
@@ -496,14 +530,22 @@ def evaluate(model, dataset, *, mode: str = "ppl", shots: int = 0, style: str | 
     done = _stored(pred_path, version)
     todo = [r for r in data.records if r["id"] not in done]
     seconds = 0.0
+    if lm is None and hasattr(model, "render") and hasattr(model, "abbr"):
+        lm = model  # a live model: its weights can be checked against the stored predictions' for free
     if todo:
         lm = lm or load_lm(model, abbr=abbr, adapter=adapter, batch_size=batch_size, padding_side=padding_side)
+    weights = lm.fingerprint() if hasattr(lm, "fingerprint") else None
+    _check_same_weights(done.values(), weights, pred_path)
+    if todo and mode == "ppl" and hasattr(lm, "check_logprobs"):
+        lm.check_logprobs()  # an endpoint without prompt logprobs fails here, before any question runs
+    if todo:
         if pred_path.is_file():  # drop a torn last line first: new rows appended to it would be glued on
             _write_rows(pred_path, done.values())
         seconds = _infer(lm, data, todo, pred_path, mode=mode, shots=shots, style=style, version=version,
-                         target=target, max_out_len=max_out_len, progress=progress)
+                         target=target, max_out_len=max_out_len, progress=progress, weights=weights)
         done = _stored(pred_path, version)
     rows = [done[r["id"]] for r in data.records]
+    made_by = {r.get("weights") for r in rows}
     # The file ends up holding exactly this result's questions, once each, in dataset order (as
     # OpenCompass's does).
     _write_rows(pred_path, rows)
@@ -514,10 +556,20 @@ def evaluate(model, dataset, *, mode: str = "ppl", shots: int = 0, style: str | 
         num_questions=len(rows), seconds=round(seconds, 2),
         questions_per_s=round(len(todo) / seconds, 2) if seconds else None,
         reused=len(rows) - len(todo), out_dir=run_dir, predictions_path=pred_path,
-        results_path=run_dir / "results" / abbr / f"{task}.json")
+        results_path=run_dir / "results" / abbr / f"{task}.json",
+        weights=made_by.pop() if len(made_by) == 1 else None)
     _write_results(result, style=style, test_range=test_range)
     summarize(run_dir)
     return result
+
+
+def _check_same_weights(rows, weights: str | None, path: Path) -> None:
+    """Stored predictions made by other weights must not be reused as this model's (reuse=True)."""
+    other = {r.get("weights") for r in rows} - {weights, None}
+    if weights is not None and other:
+        raise CourseError(f"{_rel(path)} holds predictions made by other weights (fingerprint "
+                          f"{', '.join(sorted(other))}; this model's is {weights}), e.g. the model before "
+                          "quantizing or fine-tuning. Give this model its own abbr=..., or use reuse=False.")
 
 
 def _write_results(result: EvalResult, **config) -> None:

@@ -25,24 +25,24 @@ from pathlib import Path
 from .errors import CourseError
 
 PARTS = {  # XTuner config part -> {FinetuneConfig field: XTuner variable name}
-    "1 settings": {"data_path": "alpaca_en_path", "work_dir": "--work-dir",
+    "1 settings": {"data_path": "data_path", "work_dir": "--work-dir",
                    "seed": "randomness.seed"},
     "2 model & tokenizer": {"model": "pretrained_model_name_or_path",
-                            "quantization": "quantization_config", "lora_r": "lora.r",
-                            "lora_alpha": "lora.lora_alpha", "lora_dropout": "lora.lora_dropout",
-                            "lora_targets": "lora.target_modules"},
+                            "quantization": "model.llm.quantization_config", "lora_r": "model.lora.r",
+                            "lora_alpha": "model.lora.lora_alpha", "lora_dropout": "model.lora.lora_dropout",
+                            "lora_targets": "model.lora.target_modules"},
     "3 dataset & dataloader": {"max_length": "max_length",
                                "pack_to_max_length": "pack_to_max_length",
                                "batch_size": "batch_size"},
     "4 scheduler & optimizer": {"accumulative_counts": "accumulative_counts",
-                                "max_epochs": "max_epochs", "max_steps": "train_cfg.max_iters",
+                                "max_epochs": "max_epochs", "max_steps": "max_iters",
                                 "lr": "lr", "weight_decay": "weight_decay",
                                 "max_norm": "max_norm", "warmup_ratio": "warmup_ratio"},
     "5 runtime": {"system_prompt": "SYSTEM", "evaluation_inputs": "evaluation_inputs",
                   "evaluation_freq": "evaluation_freq",
                   "eval_max_new_tokens": "EvaluateChatHook.max_new_tokens",
                   "save_steps": "save_steps", "save_total_limit": "save_total_limit",
-                  "gradient_checkpointing": "gradient_checkpointing"},
+                  "gradient_checkpointing": "model.use_activation_checkpointing"},
 }
 
 
@@ -311,7 +311,7 @@ def _check_model(cfg: FinetuneConfig) -> None:
 def load_for_training(cfg: FinetuneConfig):
     """``(peft_model, tokenizer)``: the base model (4-bit for QLoRA) with fresh LoRA adapters."""
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training
 
     from .models import load_model
 
@@ -323,29 +323,41 @@ def load_for_training(cfg: FinetuneConfig):
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
+    return add_lora(model, cfg), tokenizer
+
+
+def add_lora(model, cfg: FinetuneConfig):
+    """The lesson's LoRA: small trainable matrices B·A beside the frozen linear layers."""
+    from peft import LoraConfig, get_peft_model
+
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=cfg.lora_targets, bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, lora), tokenizer
+                      target_modules=cfg.lora_targets,  # "all-linear": every linear layer but the head
+                      bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)  # base weights frozen; only lora_A / lora_B train
 
 
-def _training_args(cfg: FinetuneConfig, work: Path):
+def make_trainer(cfg: FinetuneConfig, model, tokenizer, examples, callbacks=()):
+    """The lesson's Hugging Face ``Trainer``: the FinetuneConfig's fields as ``TrainingArguments``."""
     import torch
-    from transformers import TrainingArguments
+    from transformers import PrinterCallback, Trainer, TrainingArguments
 
     from .compat import warmup_kwargs
+    from .sft_data import collate
 
     cuda = torch.cuda.is_available()
-    return TrainingArguments(
-        output_dir=str(work), per_device_train_batch_size=cfg.batch_size,
+    args = TrainingArguments(
+        output_dir=str(_paths(cfg)[0]), per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.accumulative_counts, num_train_epochs=cfg.max_epochs,
         max_steps=cfg.max_steps or -1, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_norm, lr_scheduler_type="cosine", **warmup_kwargs(cfg.warmup_ratio),
         logging_steps=1, save_strategy="steps", save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit, seed=cfg.seed, data_seed=cfg.seed,
         bf16=cuda and torch.cuda.is_bf16_supported(), use_cpu=not cuda, optim="adamw_torch",
-        report_to=[], disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0,
-        dataloader_pin_memory=cuda,
-    )
+        report_to=[], disable_tqdm=True, remove_unused_columns=False, dataloader_pin_memory=cuda)
+    trainer = Trainer(model=model, args=args, train_dataset=examples, callbacks=list(callbacks),
+                      data_collator=lambda rows: collate(rows, tokenizer.pad_token_id))  # pads, labels -100
+    trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; the lesson prints its own lines
+    return trainer
 
 
 def _peak_memory_gb() -> float:
@@ -411,7 +423,7 @@ def _start_step(work: Path, resume: bool, cfg: FinetuneConfig) -> str | None:
 
 def train(cfg: FinetuneConfig | None = None, *, resume: bool = False, callbacks=()) -> TrainResult:
     """Fine-tune with LoRA/QLoRA as ``cfg`` says; returns the adapter folder, log and replies."""
-    from .sft_data import build_examples, collate, load_conversations
+    from .sft_data import build_examples, load_conversations
 
     cfg = FinetuneConfig() if cfg is None else cfg
     _check(cfg)  # every check before the imports below, which take seconds
@@ -420,17 +432,15 @@ def train(cfg: FinetuneConfig | None = None, *, resume: bool = False, callbacks=
     _check_model(cfg)
     checkpoint = _start_step(work, resume, cfg)
     import pandas as pd
-    from transformers import PrinterCallback, Trainer, set_seed
+    from transformers import set_seed
 
     quiet_libraries()
     set_seed(cfg.seed)
     model, tokenizer = load_for_training(cfg)
     examples = build_examples(tokenizer, conversations, cfg.max_length, pack=cfg.pack_to_max_length)
     sink = {"log": [], "eval": []}
-    trainer = Trainer(model=model, args=_training_args(cfg, work), train_dataset=examples,
-                      data_collator=lambda batch: collate(batch, tokenizer.pad_token_id),
-                      callbacks=_callbacks(cfg, tokenizer, sink) + list(callbacks))
-    trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; ConciseLog prints ours
+    trainer = make_trainer(cfg, model, tokenizer, examples,
+                           callbacks=_callbacks(cfg, tokenizer, sink) + list(callbacks))
     start = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=checkpoint)
@@ -443,6 +453,22 @@ def train(cfg: FinetuneConfig | None = None, *, resume: bool = False, callbacks=
                        pd.DataFrame(sink["log"]), pd.DataFrame(sink["eval"]), _peak_memory_gb(),
                        int(Path(checkpoint).name.split("-")[1]) if checkpoint else None,
                        model.eval(), tokenizer)
+
+
+def stop_after(step: int):
+    """A callback that ends training after optimizer step ``step``, as a crash or a closed laptop would.
+
+    Nothing is saved on the way out: a resumed run starts from the newest ``checkpoint-N`` before it.
+    """
+    from transformers import TrainerCallback
+
+    class StopAfter(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step >= step:
+                control.should_training_stop = True
+                control.should_save = False  # a crash writes nothing at this step
+
+    return StopAfter()
 
 
 def save_adapter(model, tokenizer, cfg: FinetuneConfig, out: Path) -> Path:
@@ -570,14 +596,16 @@ def _adapter_prompts(adapter: Path) -> list[str]:
 
 
 def _xtuner_model_path(name: str | None) -> str:
-    """What XTuner should load: the InternStudio share folder if present, else the hub id."""
-    from .models import REGISTRY, default_name, locate
+    """What XTuner should load: a local folder (the share's, or the tiny model converted once), else the hub id."""
+    from .models import REGISTRY, default_name, locate, resolve
 
     name = name or default_name("chat")
     if name not in REGISTRY:
         return str(Path(name).resolve())
     place, folder = locate(name)
-    return str(folder) if place == "share" else REGISTRY[name].hf_id
+    if place in ("bundled", "cache"):  # the tiny model: offline, from its converted safetensors folder
+        return str(resolve(name).resolve())
+    return str(folder) if place != "missing" else REGISTRY[name].hf_id
 
 
 # The linear layers peft's "all-linear" adapts, by model type: XTuner's own search would also adapt
@@ -640,6 +668,7 @@ def export_xtuner_config(cfg: FinetuneConfig, path: str | Path, *, device: str |
         save_total_limit=cfg.save_total_limit,
         evaluation_iters=max(cfg.evaluation_freq, 1) * per_step,
         eval_max_new_tokens=cfg.eval_max_new_tokens,
+        log_interval=1 if cfg.max_steps and cfg.max_steps * per_step <= 50 else 10,  # short runs: every loss
         system=repr(cfg.system_prompt or ""),
         evaluation_inputs=repr(list(cfg.evaluation_inputs)),
         quantization_config=bnb if cfg.quantization == "4bit" else "None",
@@ -647,6 +676,7 @@ def export_xtuner_config(cfg: FinetuneConfig, path: str | Path, *, device: str |
         target_modules=_lora_targets(cfg, model_path), gradient_checkpointing=cfg.gradient_checkpointing,
         seed=cfg.seed,
         optim_wrapper="AmpOptimWrapper" if device == "cuda" else "OptimWrapper",
+        torch_dtype="torch.float16" if device == "cuda" else "torch.float32",
         amp=",\n    loss_scale='dynamic',\n    dtype='float16'" if device == "cuda" else "",
         cpu_patch=CPU_PATCH if device == "cpu" else "",
     )
@@ -655,6 +685,11 @@ def export_xtuner_config(cfg: FinetuneConfig, path: str | Path, *, device: str |
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
     return path
+
+
+# NF4 with double quantization, bytes per weight: 4-bit codes, an 8-bit scale per 64 weights, and an
+# fp32 scale of those scales per 256 blocks.
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 
 
 def lora_parameter_count(shape, r: int) -> int:
@@ -670,7 +705,7 @@ def estimate_qlora_memory(shape, cfg: FinetuneConfig | None = None) -> dict[str,
     """GiB a QLoRA run needs on a GPU, by part (an estimate; see docs/benchmarks.md for sources).
 
     ``shape`` is a ``course_utils.memory.ModelShape``. NF4 with double quantization stores
-    ~4.13 bits per linear weight; peft's prepare_model_for_kbit_training keeps embeddings and
+    ``NF4_BYTES * 8`` (~4.13) bits per linear weight; peft's prepare_model_for_kbit_training keeps embeddings and
     the output head in fp32; LoRA weights, grads and AdamW moments take 16 bytes per parameter;
     with gradient checkpointing each layer keeps its bf16 input, and the loss holds fp32 logits
     (and their gradient) for every token.
@@ -685,7 +720,7 @@ def estimate_qlora_memory(shape, cfg: FinetuneConfig | None = None) -> dict[str,
     act = shape.layers * tokens * h * 2 + layer_act if cfg.gradient_checkpointing else \
         shape.layers * layer_act  # with checkpointing: each layer's input + one recomputed layer
     parts = {
-        "4-bit linear weights": shape.layers * linear * (0.5 + 1 / 64 + 4 / (64 * 256)),
+        "4-bit linear weights": shape.layers * linear * NF4_BYTES,
         "fp32 embeddings + head": embed * 4,
         "LoRA weights+grads+AdamW": lora_parameter_count(shape, cfg.lora_r) * 16,
         "activations": act,
@@ -695,3 +730,96 @@ def estimate_qlora_memory(shape, cfg: FinetuneConfig | None = None) -> dict[str,
     parts = {k: round(v / 2**30, 2) for k, v in parts.items()}
     parts["total"] = round(sum(parts.values()), 2)
     return parts
+
+
+# ---- reading what the XTuner command line wrote ----------------------------------------------------------
+
+def xtuner_setting(path: str | Path, name: str) -> str | None:
+    """The source text of one setting in an XTuner config: ``lr`` or a nested key such as ``model.lora.r``."""
+    import ast
+
+    source = Path(path).read_text(encoding="utf-8")
+    first, *keys = name.split(".")
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == first for t in node.targets):
+            value = node.value
+            for key in keys:  # dict(type=..., lora=dict(r=...)): follow the keyword arguments
+                found = [k.value for k in getattr(value, "keywords", []) if k.arg == key]
+                if not found:
+                    return None
+                value = found[0]
+            return ast.get_source_segment(source, value)
+    return None
+
+
+# (what, name in the bootcamp's config, name in the course's export)
+XTUNER_ROWS = [("base model", "pretrained_model_name_or_path", "pretrained_model_name_or_path"),
+               ("data", "alpaca_en_path", "data_path"), ("max_length", "max_length", "max_length"),
+               ("batch_size", "batch_size", "batch_size"),
+               ("accumulative_counts", "accumulative_counts", "accumulative_counts"),
+               ("max_epochs", "max_epochs", "max_epochs"), ("lr", "lr", "lr"),
+               ("quantization", "model.llm.quantization_config", "model.llm.quantization_config"),
+               ("LoRA r / alpha", "model.lora.r", "model.lora.r"),
+               ("optimizer wrapper", "optim_wrapper.type", "optim_wrapper.type"),
+               ("precision", "optim_wrapper.dtype", "optim_wrapper.dtype"),
+               ("evaluation_freq", "evaluation_freq", "evaluation_freq")]
+
+
+def compare_xtuner_configs(bootcamp: str | Path, course: str | Path):
+    """The bootcamp's config next to the course's export, setting by setting (machine paths hidden)."""
+    import pandas as pd
+
+    from .toolchain import sanitize
+
+    def value(path, name):
+        text = xtuner_setting(path, name)
+        if name == "model.lora.r":
+            text = f"{text} / {xtuner_setting(path, 'model.lora.lora_alpha')}"
+        if text and "quantization_config" in name and "load_in_4bit=True" in text:
+            text = "4-bit NF4 (QLoRA)"
+        if name == "optim_wrapper.dtype" and text is None:
+            text = "fp32 (no AMP)"
+        return "—" if text is None else " ".join(sanitize(text).split())
+
+    rows = [(what, b, value(bootcamp, b), c, value(course, c)) for what, b, c in XTUNER_ROWS]
+    return pd.DataFrame(rows, columns=["setting", "bootcamp name", "bootcamp", "course name", "course (CPU)"]
+                        ).set_index("setting")
+
+
+def xtuner_samples(log: str, every: int):
+    """EvaluateChatHook's replies in an ``xtuner train`` log, one row per (iteration, question).
+
+    ``every``: the config's ``evaluation_freq`` (the hook logs no iteration number of its own).
+    """
+    import pandas as pd
+
+    rows, step, last = [], None, 0
+    for block in re.split(r"(?=\b(?:before_train|after_train_iter|after_train) in EvaluateChatHook)|(?=Sample output:)"
+                          r"|(?=Iter\(train\) \[)", log):
+        if m := re.match(r"Iter\(train\) \[\s*(\d+)/", block):
+            last = int(m.group(1))
+        elif block.startswith("before_train in"):
+            step = 0
+        elif block.startswith("after_train_iter in"):
+            step = (step or 0) + every
+        elif block.startswith("after_train in"):
+            step = last  # the hook asks once more at the end, which repeats the last evaluation when they coincide
+        elif step is not None and (m := re.search(
+                r"<\|im_start\|>user\n(.*?)<\|im_end\|>\n<\|im_start\|>assistant\n(.*?)(?:<\|im_end\|>|\n\n|$)",
+                block, re.S)):
+            rows.append({"iter": step, "question": m.group(1).strip(), "reply": m.group(2).strip()})
+    table = pd.DataFrame(rows, columns=["iter", "question", "reply"])
+    return table.drop_duplicates(["iter", "question"]).reset_index(drop=True)
+
+
+def xtuner_chat_reply(log: str) -> str:
+    """The first reply in an ``xtuner chat`` session's output (its prompt is ``... >>> ``)."""
+    parts = log.split(">>> ")
+    if len(parts) < 3:
+        raise CourseError("xtuner chat printed no reply; its output ends:\n" + log[-1500:])
+    text = parts[1].rsplit("double enter to end input", 1)[0].replace("<|im_end|>", "")
+    # transformers' warnings (stderr, same stream here) and XTuner's history note are not the reply
+    noise = ("Remove the memory of history", "The attention mask", "Setting `pad_token_id`", "`", "Starting from v4")
+    lines = [ln for ln in text.splitlines()  # Python warnings: "path:line: UserWarning: ..." + indented source
+             if not ln.startswith(noise) and not re.search(r"\w+Warning: ", ln) and not ln.startswith("  ")]
+    return "\n".join(lines).strip()

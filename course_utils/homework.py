@@ -264,26 +264,78 @@ MEMORY_QUESTIONS = [
 MAX_CONTEXT_QUESTION = ("InternLM2.5-7B", "int4", "10% A100 (8 GB)")  # batch 1, fp16 KV cache
 
 
-@task("L1.env", level="basic", title="environment report",
-      hint="course_utils.env.detect() and profile(), course_utils.models.default_name('chat')")
-def _check_env(answer) -> str:
+ENV_KEYS = ("python", "torch", "cuda", "gpu", "memory_gib", "profile", "chat_model", "chat_model_params")
+
+
+def _weights_on_disk(folder) -> int | None:
+    """Parameters stored in a model folder, counted from the safetensors headers (no tensor is loaded)."""
+    import math
+    import struct
+    from pathlib import Path
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for file in files:
+        with open(file, "rb") as fh:
+            header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+        total += sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
+    return total
+
+
+def _machine_truth() -> dict:
+    """What the grader's side of the machine says, for each key of the report."""
     from .env import detect, profile
-    from .models import default_name
+    from .memory import ModelShape
+    from .models import default_name, resolve
 
     facts = detect()
-    truth = {"python": facts.python, "torch": facts.torch, "cuda": facts.cuda,
-             "gpu": facts.gpu_name, "profile": profile(), "chat_model": default_name("chat")}
+    name = default_name("chat")
+    try:  # the weights the course really loads: counted from the files, not from the same formula
+        folder = resolve(name)
+        params = _weights_on_disk(folder) or ModelShape.from_config(
+            json.loads((folder / "config.json").read_text(encoding="utf-8"))).params()
+    except Exception:  # the model is not on this machine: the learner's resolve() fails the same way
+        params = None
+    memory = facts.gpu_memory_gb if facts.cuda else facts.ram_gb
+    return {"python": facts.python, "torch": facts.torch, "cuda": facts.cuda, "gpu": facts.gpu_name,
+            "memory_gib": memory, "profile": profile(), "chat_model": name, "chat_model_params": params}
+
+
+@task("L1.env", level="basic", title="environment report",
+      hint="read each fact from the machine yourself: platform.python_version(), torch.__version__, "
+           "torch.cuda.is_available() / get_device_name(0) / get_device_properties(0).total_memory, else "
+           "os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') for RAM; profile(), default_name('chat'); "
+           "the chat model's parameters: ModelShape.from_config(json of resolve(name) / 'config.json').params()")
+def _check_env(answer) -> str:
+    truth = _machine_truth()
     if not isinstance(answer, dict):
-        raise Missing(f"return a dict with keys {', '.join(truth)}")
-    absent = [k for k in truth if k not in answer]
+        raise Missing(f"return a dict with keys {', '.join(ENV_KEYS)}")
+    absent = [k for k in ENV_KEYS if k not in answer]
     if absent:
         raise Missing(f"the report lacks {', '.join(absent)}")
-    wrong = [f"{k}={answer[k]!r} but this kernel has {v!r}" for k, v in truth.items() if answer[k] != v]
+    wrong = [f"{k}={answer[k]!r} but this kernel has {truth[k]!r}"
+             for k in ("python", "torch", "cuda", "gpu", "profile", "chat_model") if answer[k] != truth[k]]
+    mem = answer["memory_gib"]
+    where = "GPU memory" if truth["cuda"] else "RAM"
+    if isinstance(mem, bool) or not isinstance(mem, (int, float)):
+        wrong.append(f"memory_gib should be a number (GiB of {where}), got {type(mem).__name__}")
+    elif truth["memory_gib"] and not _close(mem, truth["memory_gib"], 0.05):
+        wrong.append(f"memory_gib={mem} but this machine's {where} is {truth['memory_gib']} GiB "
+                     f"(GiB = 2**30 bytes; GPU memory if CUDA, else RAM)")
+    params = answer["chat_model_params"]
+    if isinstance(params, bool) or not isinstance(params, (int, float)):
+        wrong.append(f"chat_model_params should be a number, got {type(params).__name__}")
+    elif truth["chat_model_params"] and not _close(params, truth["chat_model_params"], 0.01):
+        wrong.append(f"chat_model_params={params:,} but the weights of {truth['chat_model']} hold "
+                     f"{truth['chat_model_params']:,} parameters")
     if wrong:
         raise Missing("; ".join(wrong))
     gpu = truth["gpu"] or "no GPU"
-    return (f"Python {truth['python']}, torch {truth['torch']}, {gpu}, profile {truth['profile']}, "
-            f"chat model {truth['chat_model']}: all match this kernel")
+    return (f"Python {truth['python']}, torch {truth['torch']}, {gpu}, {truth['memory_gib']} GiB of "
+            f"{where}, profile {truth['profile']}, chat model {truth['chat_model']} with "
+            f"{truth['chat_model_params']:,} parameters (counted from its weight files): all match this machine")
 
 
 def _question_total(model: str, precision: str, context: int, batch: int) -> float:
@@ -294,7 +346,7 @@ def _question_total(model: str, precision: str, context: int, batch: int) -> flo
 
 @task("L1.memory", level="basic", title="memory calculator questions",
       hint="course_utils.memory.total_memory_gb(INTERNLM2_5[model], precision, context=..., batch=...) "
-           "<= the slice's GB (GPU_BUDGETS_GB)")
+           "<= the slice's size (GPU_BUDGETS_GB, read as GiB like the totals)")
 def _check_memory(answer) -> str:
     from .memory import GPU_BUDGETS_GB
 
@@ -308,7 +360,7 @@ def _check_memory(answer) -> str:
         if not _close(total, expected, 0.03):
             wrong.append(f"Q{n} total {float(total):.2f} GiB, expected about {expected:.2f}")
         elif bool(fits) != (expected <= GPU_BUDGETS_GB[gpu]):
-            wrong.append(f"Q{n} fits={bool(fits)} but {expected:.2f} GiB vs {GPU_BUDGETS_GB[gpu]} GB")
+            wrong.append(f"Q{n} fits={bool(fits)} but {expected:.2f} GiB vs {GPU_BUDGETS_GB[gpu]} GiB")
     if wrong:
         raise Missing("; ".join(wrong))
     return f"all {len(MEMORY_QUESTIONS)} totals within 3% and every fits/doesn't-fit verdict right"
@@ -326,16 +378,16 @@ def _check_max_context(answer) -> str:
         raise Missing("return the number of tokens, a positive int")
     n = int(answer)
     if _question_total(model, precision, n, 1) > budget:
-        raise Missing(f"{n} tokens need {_question_total(model, precision, n, 1):.4f} GiB > {budget} GB")
+        raise Missing(f"{n} tokens need {_question_total(model, precision, n, 1):.4f} GiB > {budget} GiB")
     if _question_total(model, precision, int(n * 1.01) + 1, 1) <= budget:
         raise Missing(f"{n} tokens fit, but so do 1% more: find the largest context")
-    return f"{n} tokens fit in {budget} GB and 1% more would not"
+    return f"{n} tokens fit in {budget} GiB and 1% more would not"
 
 
 # ---- lesson 2: chat, hub download, agent ---------------------------------------------------------
 
 STORY_MIN = 300  # English words, or Chinese characters for a Chinese story
-HUB_REPO = "internlm/internlm2-chat-1_8b"
+HUB_REPO = "internlm/internlm-20b"  # the bootcamp's homework: InternLM-20B's config.json
 
 
 def _story_text(answer) -> str:
@@ -351,8 +403,9 @@ def _story_text(answer) -> str:
 
 
 @task("L2.story", level="basic", title=f"a {STORY_MIN}-word story from the chat model",
-      hint=f"chat.write_story(session, topic, min_words={STORY_MIN}) keeps asking the model to "
-           "continue until the story is long enough")
+      hint=f"a small model stops after a few sentences: keep the conversation going and ask it to "
+           f"continue until the story reaches {STORY_MIN} (lesson 2 §5 shows a chat helper that does "
+           "this); write in the model's language, and return the story or the session")
 def _check_story(answer) -> str:
     import re
 
@@ -387,27 +440,26 @@ def _json_file(answer, key: str, name: str) -> dict:
         raise Missing(f"{name} is not valid JSON ({exc}): download it again") from None
 
 
-@task("L2.download", level="basic", title="download InternLM2-chat-1.8B's config, count its layers and parameters",
-      hint=f"hub.download('{HUB_REPO}', 'config.json', endpoint=mirror.endpoint) with "
-           "mirror = hub.serve_mirror(); layers = num_hidden_layers; hub.count_parameters(config)")
+@task("L2.download", level="basic", title="download InternLM-20B's config.json, count its layers and parameters",
+      hint=f"start the classroom mirror (hub.serve_mirror) and download config.json of '{HUB_REPO}' "
+           "through huggingface_hub with endpoint=mirror.endpoint; the layer count is in the file, and "
+           "hub.count_parameters turns the file's shape into a parameter count")
 def _check_download(answer) -> str:
     from .hub import count_parameters
 
     config = _json_file(answer, "config", "config.json")
-    index = _json_file(answer, "index", "model.safetensors.index.json")
-    if config.get("model_type") != "internlm2" or config.get("hidden_size") != 2048:
-        raise Missing("this config.json is not InternLM2-chat-1.8B's (model_type internlm2, hidden 2048)")
+    if config.get("model_type") != "internlm" or config.get("hidden_size") != 5120:
+        raise Missing(f"this config.json is not InternLM-20B's (model_type internlm, hidden 5120): "
+                      f"download it from '{HUB_REPO}'")
     layers, params = _field(answer, "layers", int), _field(answer, "parameters", (int, float))
     if layers != config["num_hidden_layers"]:
         raise Missing(f"layers={layers}, but config.json says num_hidden_layers="
                       f"{config['num_hidden_layers']}")
-    from_config = count_parameters(config)
-    from_index = index["metadata"]["total_size"] / 2  # bf16 checkpoint: 2 bytes per parameter
-    if not (_close(params, from_config, 0.01) or _close(params, from_index, 0.01)):
-        raise Missing(f"parameters={params:,.0f}, but the config gives {from_config:,} "
-                      f"and the weight index {from_index:,.0f}")
-    return (f"both files downloaded and parsed: {layers} layers, {params / 1e9:.2f} B parameters "
-            f"(config: {from_config / 1e9:.3f} B, index: {from_index / 1e9:.3f} B)")
+    from_config = count_parameters(config)  # recomputed from the downloaded file
+    if not _close(params, from_config, 0.01):
+        raise Missing(f"parameters={params:,.0f}, but the downloaded config gives {from_config:,}")
+    return (f"config.json downloaded and parsed: {layers} layers, {params / 1e9:.2f} B parameters "
+            f"(from the config: {from_config / 1e9:.3f} B)")
 
 
 def _python_actions(answer) -> list:
@@ -478,8 +530,8 @@ def _check_rag_question(answer) -> str:
     bare = chat.complete([{"role": "user", "content": question}], temperature=0.0)
     if _contains(bare, fact):
         raise Missing(f"the bare model already answers it: {bare[:80]!r}")
-    llm = rag.as_chat_model(chat, temperature=0.0)
-    got = rag.make_rag_chain(llm, store, k=k).invoke(question)["answer"]
+    # The chain's own prompt (rag.make_rag_chain's default template), answered greedily.
+    got = chat.complete(rag.rag_messages(hits, question), temperature=0.0)
     if not _contains(got, fact):
         raise Missing(f"the RAG chain does not answer it either: {got[:80]!r}")
     return (f"{len(files)} files indexed; asked again: the bare model misses {fact!r}, "
@@ -513,6 +565,88 @@ def _check_hit3(answer) -> str:
     if got <= baseline:
         raise Missing(f"hit@3 = {got:.3f}, not above the default's {baseline:.3f}")
     return f"re-evaluated: hit@3 = {got:.3f} > the default's {baseline:.3f} on the full knowledge base"
+
+
+OWN_MIN_QUESTIONS = 10  # the lesson's promise: "your own material, at least 10 questions"
+SPLIT_FIELDS = ("chunk_size", "chunk_overlap", "header_context")
+
+
+def _own_questions(answer) -> list[dict]:
+    """The learner's labelled questions: a list of {"question", "source"} dicts or a JSONL file of them."""
+    from . import rag
+    from .errors import CourseError
+    from .evidence import readable
+
+    value = _field(answer, "questions", (list, tuple, str, os.PathLike))
+    try:
+        qa = list(value) if isinstance(value, (list, tuple)) else rag.load_eval_set(readable(value))
+    except CourseError as exc:
+        raise Missing(str(exc)) from None
+    bad = next((q for q in qa if not rag._is_question(q)), None)
+    if bad is not None:
+        raise Missing(f"{bad!r:.80} is not a question: each needs non-empty \"question\" and \"source\" strings")
+    distinct = {" ".join(q["question"].lower().split()) for q in qa}
+    if len(distinct) < OWN_MIN_QUESTIONS:
+        raise Missing(f"{len(distinct)} distinct questions; write at least {OWN_MIN_QUESTIONS}")
+    return qa
+
+
+def _own_config(answer):
+    """The split settings the learner built with (a SplitConfig or a dict; default SplitConfig())."""
+    from . import rag
+    from .errors import CourseError
+
+    value = answer.get("config") if isinstance(answer, dict) else getattr(answer, "config", None)
+    if value is None:
+        return rag.SplitConfig()
+    fields = value if isinstance(value, dict) else {f: getattr(value, f, None) for f in SPLIT_FIELDS}
+    try:
+        return rag.SplitConfig(**{f: fields[f] for f in SPLIT_FIELDS if fields.get(f) is not None})
+    except CourseError as exc:
+        raise Missing(f"'config': {exc}") from None
+
+
+@task("L3.own", level="basic", title="your own knowledge base: 10+ questions, hit@k and MRR",
+      hint="put your .md/.txt/.pdf files in a folder, write >= 10 {\"question\", \"source\"} dicts (source = "
+           "the file's path relative to the folder), build the store, then report = rag.evaluate_retrieval("
+           "store, qa, k=K) and return report.hit_rate and report.mrr")
+def _check_own(answer) -> str:
+    import tempfile
+
+    from . import rag
+    from .errors import CourseError
+    from .evidence import readable
+    from .paths import DATA_DIR
+
+    folder = Path(readable(_field(answer, "folder", (str, os.PathLike))))
+    if not folder.is_dir():
+        raise Missing(f"'folder' ({folder.name!r}) is not a folder: give the folder of your documents")
+    if folder.resolve().is_relative_to((DATA_DIR / "knowledge_base").resolve()):
+        raise Missing("'folder' is the course's knowledge base: this task is about your own material")
+    qa, config = _own_questions(answer), _own_config(answer)
+    k = _field(answer, "k", int)
+    if k < 1:
+        raise Missing(f"k = {k}: retrieve at least 1 chunk")
+    reported = {"hit@k": _field(answer, "hit@k", (int, float)), "mrr": _field(answer, "mrr", (int, float))}
+    patterns = rag.default_patterns(folder)
+    try:
+        sources = {d.metadata["source"] for d in rag.load_documents(folder, patterns)}
+    except CourseError as exc:
+        raise Missing(str(exc)) from None
+    unknown = sorted({q["source"] for q in qa} - sources)
+    if unknown:
+        raise Missing(f"{len(unknown)} expected source(s) are not files of the folder, e.g. {unknown[0]!r}; "
+                      f"'source' is the path relative to the folder, like {sorted(sources)[0]!r}")
+    with tempfile.TemporaryDirectory(prefix="l3-own-") as tmp:  # rebuilt here: the learner's store is not trusted
+        store, built = rag.build_vectorstore(folder, tmp, patterns=patterns, config=config, progress=False)
+        report = rag.evaluate_retrieval(store, qa, k=k)
+    got = {"hit@k": report.hit_rate, "mrr": report.mrr}
+    for key, value in got.items():
+        if abs(float(reported[key]) - value) > 0.0015:  # reported numbers may be rounded to 3 decimals
+            raise Missing(f"you report {key} = {float(reported[key]):.3f}, but rebuilding the store from your "
+                          f"files gives {value:.3f} (k = {k}, {config.signature()})")
+    return (f"rebuilt {built.total_chunks} chunks from {built.total_files} files; recomputed on {len(qa)} "
+            f"questions: hit@{k} = {got['hit@k']:.3f}, MRR = {got['mrr']:.3f}, as you report")
 
 
 # ---- lesson 4: fine-tuning ----------------------------------------------------------------------
@@ -675,32 +809,83 @@ def _check_w4a16(answer) -> str:
             f"(re-measured); perplexity {ppl:.2f} (re-measured)")
 
 
-@task("L5.serve", level="basic", title="serve the model and query it with the OpenAI client",
-      hint="server = serving.serve(...); serving.client(server).chat.completions.create("
-           "model=server.model, messages=[...]); return {'server': server, 'response': response}")
-def _check_serve(answer) -> str:
-    from openai.types.chat import ChatCompletion
+MIN_LOAD_REQUESTS = 4  # per concurrency level
 
+
+
+def _load_run(run, which: str) -> tuple[dict, list]:
+    """One benchmark_concurrency result, its log checked record by record."""
+    if not isinstance(run, dict):
+        raise Missing("'load' should hold the dicts quantize.benchmark_concurrency returned")
+    log = _field(run, "log", (list, tuple))
+    if len(log) < MIN_LOAD_REQUESTS:
+        raise Missing(f"the {which} run sent {len(log)} requests: send at least {MIN_LOAD_REQUESTS}")
+    for r in log:
+        if not isinstance(r, dict) or not all(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)
+                                              for k in ("start_s", "end_s", "completion_tokens")):
+            raise Missing(f"the {which} run's 'log' is not the per-request log benchmark_concurrency writes")
+        if not isinstance(r.get("text"), str) or not r["text"].strip() or r["end_s"] < r["start_s"]:
+            raise Missing(f"the {which} run has an empty or impossible reply to {str(r.get('prompt'))[:40]!r}")
+    return run, log
+
+
+@task("L5.serve", level="basic", title="serve the model and load-test it at two concurrencies",
+      hint="server = serving.serve(port=serving.free_port(), extra_args=list(q.CPU_BATCHING_ARGS)); "
+           "api = serving.client(server); load = [q.benchmark_concurrency(api, server.model, prompts, "
+           "concurrency=c) for c in (1, 8)]; return {'server': server, 'load': load}")
+def _check_serve(answer) -> str:
+    from .quantize import load_summary
     from .serving import LOOPBACK, client
 
-    response = _field(answer, "response")
-    if not isinstance(response, ChatCompletion):
-        raise Missing("'response' should be what client.chat.completions.create(...) returned")
-    text = (response.choices[0].message.content or "").strip() if response.choices else ""
-    if not text:
-        raise Missing("the server's reply is empty")
     server = _field(answer, "server")
     if server.host not in LOOPBACK:
         raise Missing(f"the server listens on {server.host}: keep it on 127.0.0.1 (or use an api_key)")
-    if server.model not in (response.model or server.model):  # transformers serve adds "@main"
-        raise Missing(f"the response came from model {response.model!r}, not {server.model!r}")
+    load = _field(answer, "load", (list, tuple))
+    if len(load) != 2:
+        raise Missing(f"'load' holds {len(load)} runs: benchmark once at concurrency 1 and once at ≥ 4")
+    (serial, s_log), (batched, b_log) = sorted(
+        (_load_run(run, which) for run, which in zip(load, ("first", "second"))),
+        key=lambda pair: _field(pair[0], "concurrency", int))
+    if serial["concurrency"] != 1 or batched["concurrency"] < MIN_LOAD_REQUESTS:
+        raise Missing(f"concurrencies {serial['concurrency']} and {batched['concurrency']}: use 1 and ≥ 4")
+    if sorted(r.get("prompt") for r in s_log) != sorted(r.get("prompt") for r in b_log):
+        raise Missing("send the same prompts at both concurrencies, or the two runs are not comparable")
+    redone = []
+    for run, log in ((serial, s_log), (batched, b_log)):
+        wall = _field(run, "wall_s", (int, float))
+        last = max(r["end_s"] for r in log)
+        if not last <= wall <= 1.05 * last + 0.1:  # the wall clock ends just after the last reply
+            raise Missing(f"wall_s={wall:.2f} but the last reply of that run came at {last:.2f} s")
+        again = load_summary(log, wall=wall)
+        for key in ("throughput_tok_s", "latency_mean_s"):
+            if not _close(_field(run, key, (int, float)), again[key], 0.01):
+                raise Missing(f"{key}={run[key]:.2f} at concurrency {run['concurrency']}, but its log "
+                              f"gives {again[key]:.2f}")
+        redone.append(again)
+    if redone[0]["max_in_flight"] != 1:
+        raise Missing("at concurrency 1 the log shows requests overlapping: send them one after another")
+    if redone[1]["max_in_flight"] < 2:
+        raise Missing(f"at concurrency {batched['concurrency']} no two requests were ever open at once: "
+                      "send them from a thread pool (benchmark_concurrency does)")
+    speedup = redone[1]["throughput_tok_s"] / redone[0]["throughput_tok_s"]
+    # Not a pass/fail criterion: batching gave 4.6x on an idle 2-core CPU but nothing on an overloaded one.
+    note = "" if speedup >= 1.25 else (" — no throughput gain: was continuous batching on "
+                                        "(extra_args=list(q.CPU_BATCHING_ARGS)), and was the machine busy?")
+    summary = (f"recomputed from {len(s_log) + len(b_log)} logged requests: concurrency 1 → "
+               f"{redone[0]['throughput_tok_s']:.1f} tok/s, {batched['concurrency']} → "
+               f"{redone[1]['throughput_tok_s']:.1f} tok/s ({speedup:.1f}×, up to {redone[1]['max_in_flight']} "
+               f"in flight); mean latency {redone[0]['latency_mean_s']:.2f} → {redone[1]['latency_mean_s']:.2f} s{note}")
     if not server.running:
-        return f"{server.backend} server answered {text[:50]!r} (already stopped, not re-queried)"
-    again = client(server).chat.completions.create(
-        model=server.model, messages=[{"role": "user", "content": "Say hello."}], max_tokens=8)
-    if not (again.choices[0].message.content or "").strip():
-        raise Missing("re-queried, the server gave an empty reply")
-    return f"{server.backend} server answered {text[:50]!r}; re-queried with the OpenAI client: it answers"
+        return f"{summary} (server already stopped, not re-queried)"
+    first = s_log[0]
+    reply = client(server).chat.completions.create(
+        model=server.model, messages=[{"role": "user", "content": first.get("prompt") or ""}],
+        max_tokens=max(1, int(first["completion_tokens"])), temperature=0)
+    text = (reply.choices[0].message.content or "") if reply.choices else ""
+    if text.strip() != first["text"].strip():
+        raise Missing(f"re-asked {first.get('prompt')!r} (greedy), the server says {text[:50]!r}, not the "
+                      f"logged {first['text'][:50]!r}")
+    return f"{summary}; re-asked {first.get('prompt')!r}: same greedy reply"
 
 
 @task("L5.kv", level="advanced", title="KV-cache quantization at a long context",
@@ -797,9 +982,35 @@ def _numbers(text: str) -> list[float]:
     return [float(x) for x in re.findall(r"-?\d+(?:\.\d+)?", text)]
 
 
+_CJK = r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]"  # Chinese characters (unified ideographs)
+
+
+def _word_count(text: str) -> int:
+    """Words in English or Chinese: each Chinese character counts as one, as Chinese has no spaces."""
+    import re
+
+    return len(re.findall(_CJK, text)) + len(re.sub(_CJK, " ", text).split())
+
+
+def _weights(result) -> str:
+    """The weights fingerprint that evaluate() wrote on every prediction of ``result``."""
+    from .eval_data import read_predictions
+
+    rows, _ = read_predictions(Path(result.predictions_path))
+    made_by = {r.get("weights") for r in rows}
+    if None in made_by:
+        raise Missing(f"{Path(result.predictions_path).name} does not say which weights made it (evaluate() "
+                      "of this course version records them): run evaluate(..., reuse=False) again")
+    if len(made_by) > 1:
+        raise Missing(f"{Path(result.predictions_path).name} mixes predictions of different weights: "
+                      "run evaluate(..., reuse=False) again")
+    return made_by.pop()
+
+
 @task("L6.compare", level="advanced", title="evaluate your fine-tuned or quantized model and explain",
-      hint="evaluate the base and the variant on the same slice and mode; the explanation (≥ 15 "
-           "words) should state the accuracy change in points and say why it happened")
+      hint="evaluate the base and the variant (other weights: an adapter or a quantized model, not just "
+           "another abbr) on the same slice and mode; the explanation (≥ 15 words, or 15 Chinese "
+           "characters) should state the accuracy change in points and say why it happened")
 def _check_compare(answer) -> str:
     base, variant = _field(answer, "base"), _field(answer, "variant")
     explanation = _field(answer, "explanation", str)
@@ -809,9 +1020,13 @@ def _check_compare(answer) -> str:
     var_acc, var_pred = _rescored(variant)
     if set(base_pred) != set(var_pred):
         raise Missing("the two runs scored different questions: use the same test_range")
+    if _weights(base) == _weights(variant):
+        raise Missing(f"{base.model!r} and {variant.model!r} were scored with the same weights: a new abbr "
+                      "does not make a new model. Evaluate your fine-tuned model (adapter=...) or your "
+                      "quantized (model, tokenizer)")
     delta = round(var_acc - base_acc, 2)
-    if len(explanation.split()) < 15:
-        raise Missing("explain the difference in at least 15 words")
+    if _word_count(explanation) < 15:
+        raise Missing("explain the difference in at least 15 words (in Chinese: 15 characters)")
     said = _numbers(explanation)
     if not any(abs(abs(x) - abs(delta)) <= 0.51 for x in said) and \
             not all(any(abs(x - acc) <= 0.51 for x in said) for acc in (base_acc, var_acc)):

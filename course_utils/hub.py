@@ -10,6 +10,7 @@ Layout of ``root``: ``<org>/<name>/<files>`` for models, ``datasets/<org>/<name>
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -20,11 +21,13 @@ import warnings
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 from .errors import CourseError
 
 SOURCES = ("hf", "modelscope")
+# ModelScope publishes the InternLM models under the lab's name; the mirror keeps one folder per model.
+MODELSCOPE_ORGS = {"Shanghai_AI_Laboratory": "internlm"}
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 HF_MIRROR = "https://hf-mirror.com"  # the mirror the bootcamp uses in mainland China
 
@@ -80,11 +83,42 @@ def _network_error(exc: Exception, where: str) -> CourseError:
                        "check the repository and file names.")
 
 
+@contextlib.contextmanager
+def _no_progress_bars():
+    """Silence both clients' bars: a notebook would store a half-drawn bar for a 1 KB file."""
+    from huggingface_hub.utils import (are_progress_bars_disabled, disable_progress_bars,
+                                       enable_progress_bars)
+
+    was_off = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:  # modelscope draws with its module's own tqdm and has no switch for single files
+        import modelscope_hub._download as ms_download
+    except ImportError:
+        ms_download = None
+    bar = getattr(ms_download, "tqdm", None)
+    if bar is not None:
+        ms_download.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        if bar is not None:
+            ms_download.tqdm = bar
+        if not was_off:
+            enable_progress_bars()
+
+
 def download(repo_id: str, filename: str, *, source: str | None = None, endpoint: str | None = None,
-             revision: str | None = None, cache_dir: str | Path | None = None) -> Path:
-    """Download one file of a model repository (with a progress bar); its local path."""
+             revision: str | None = None, cache_dir: str | Path | None = None,
+             progress: bool = True) -> Path:
+    """Download one file of a model repository (with a progress bar unless ``progress=False``);
+    its local path."""
+    with contextlib.nullcontext() if progress else _no_progress_bars():
+        return _download(repo_id, filename, source, endpoint, revision, cache_dir)
+
+
+def _download(repo_id, filename, source, endpoint, revision, cache_dir) -> Path:
     if hub_source(source) == "modelscope":
-        return _modelscope_file(repo_id, filename, revision, cache_dir)
+        return _modelscope_file(repo_id, filename, revision, cache_dir, endpoint)
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -105,13 +139,16 @@ def _require_modelscope_online() -> None:
                           "Python with HF_HUB_OFFLINE=0 to download from ModelScope.")
 
 
-def _modelscope_file(repo_id: str, filename: str, revision: str | None, cache_dir) -> Path:
+def _modelscope_file(repo_id: str, filename: str, revision: str | None, cache_dir,
+                     endpoint: str | None = None) -> Path:
     from modelscope.hub.file_download import model_file_download
 
-    _require_modelscope_online()
+    if not (endpoint and _is_loopback(endpoint)):  # a loopback mirror is not the internet
+        _require_modelscope_online()
     try:
         return Path(model_file_download(repo_id, filename, revision=revision or "master",
-                                        cache_dir=None if cache_dir is None else str(cache_dir)))
+                                        cache_dir=None if cache_dir is None else str(cache_dir),
+                                        endpoint=endpoint and endpoint.rstrip("/")))
     except Exception as exc:  # modelscope raises plain requests/HTTP errors
         raise _network_error(exc, "ModelScope") from exc
 
@@ -190,6 +227,8 @@ def _commit_sha(repo_dir: Path, root: Path | None = None) -> str:
 
 
 _API = re.compile(r"^/api/(models|datasets)/(.+?)/(revision|tree)/([^/]+)(?:/(.*))?$")
+# ModelScope's file download: /api/v1/models/<org>/<name>/repo?Revision=master&FilePath=<file>
+_MODELSCOPE_FILE = re.compile(r"^/api/v1/models/([^/]+)/([^/]+)/repo$")
 
 
 def _request_path(raw: str) -> str:
@@ -263,6 +302,9 @@ class _MirrorHandler(BaseHTTPRequestHandler):
         match = _API.match(path)
         if match:
             return self._api(*match.groups())
+        match = _MODELSCOPE_FILE.match(path)
+        if match:
+            return self._modelscope(*match.groups())
         if path.startswith("/") and "/resolve/" in path:
             repo_part, rest = path[1:].split("/resolve/", 1)  # one "/" only: "//etc" stays refused
             kind = "datasets" if repo_part.startswith("datasets/") else "models"
@@ -296,6 +338,14 @@ class _MirrorHandler(BaseHTTPRequestHandler):
                      "oid": _git_blob_sha(p.read_bytes())}
                     for p, name in zip(files, names)
                     if not subpath or name == subpath or name.startswith(subpath + "/")])
+
+    def _modelscope(self, org, name):
+        """A file the way the ``modelscope`` client asks for it; the same files as the HF layout."""
+        query = parse_qs(self.path.split("?", 1)[1] if "?" in self.path else "")
+        revision = query.get("Revision", ["master"])[0]
+        filename = query.get("FilePath", [""])[0]
+        return self._resolve("models", f"{MODELSCOPE_ORGS.get(org, org)}/{name}",
+                             "main" if revision == "master" else revision, filename)
 
     def _resolve(self, kind, repo_id, revision, filename):
         repo = self._checked_repo(kind, repo_id, revision)

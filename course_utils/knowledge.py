@@ -576,10 +576,10 @@ def _file_groups(chunks, batch_size: int):
 
 def _write_chunks(store, chunks, *, batch_size: int, progress: bool) -> None:
     """Embed ``chunks`` in batches (a progress bar over chunks) and write each file's chunks in one upsert."""
-    from tqdm.auto import tqdm
+    from .progress import progress as progress_bar
 
     collection = store._collection  # the raw collection takes precomputed vectors; add_texts would re-embed
-    with tqdm(total=len(chunks), desc="embedding", unit="chunk", disable=not progress or not chunks) as bar:
+    with progress_bar(total=len(chunks), desc="embedding", unit="chunk", disable=not progress or not chunks) as bar:
         for group in _file_groups(chunks, batch_size):
             vectors = store.embeddings.embed_documents([c.page_content for fc in group for c in fc])
             start = 0

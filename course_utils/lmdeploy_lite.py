@@ -24,6 +24,17 @@ from .paths import DATA_DIR
 
 QUANT_POLICIES = {0: "fp16/bf16 KV cache", 8: "int8 KV cache", 4: "int4 KV cache"}
 MODEL_FORMATS = (None, "hf", "awq", "gptq")
+BACKENDS = ("turbomind", "pytorch")
+# What `lmdeploy chat` prints when it waits for input (lmdeploy/cli/chat.py, 0.10.2); `exit` quits.
+CHAT_PROMPT = "double enter to end input >>> "
+# Commands of the bootcamp's LMDeploy (0.2 to 0.6) that the pinned 0.10.2 no longer has, and why.
+REMOVED_COMMANDS = {
+    "lmdeploy convert": "TurboMind converts a Hugging Face folder (fp16 or AWQ) to its own layout in "
+                        "memory at every start (turbomind.deploy.converter.get_tm_model): pass the "
+                        "HF folder itself to chat / pipeline / api_server.",
+    "lmdeploy serve gradio": "the Gradio web UI was dropped: start `lmdeploy serve api_server` and chat "
+                             "with it from any OpenAI-compatible client (the course's ChatWidget).",
+}
 # The hub data set `lmdeploy lite auto_awq` downloads; a name its calibrate() accepts (0.10 to 0.18).
 ONLINE_CALIB = "wikitext2"
 
@@ -176,6 +187,39 @@ def engine_config(*, quant_policy: int = 0, cache_max_entry_count: float = 0.8,
     cfg = dict(quant_policy=quant_policy, cache_max_entry_count=cache_max_entry_count,
                model_format=model_format, tp=tp, session_len=session_len, max_batch_size=max_batch_size)
     return {k: v for k, v in cfg.items() if v is not None}
+
+
+def chat_cli(model: str, *, backend: str = "turbomind", cache_max_entry_count: float = 0.8,
+             quant_policy: int = 0, model_format: str | None = None, tp: int = 1,
+             session_len: int | None = None) -> list[str]:
+    """The ``lmdeploy chat`` command line (an interactive terminal chat; CUDA only)."""
+    if backend not in BACKENDS:
+        raise CourseError(f"backend={backend!r}: LMDeploy's engines are 'turbomind' or 'pytorch'.")
+    cfg = engine_config(quant_policy=quant_policy, cache_max_entry_count=cache_max_entry_count,
+                        model_format=model_format, tp=tp, session_len=session_len)
+    cmd = ["lmdeploy", "chat", model, "--backend", backend]
+    for key, value in cfg.items():
+        if backend == "pytorch" and key == "model_format":
+            raise CourseError("model_format is a TurboMind option: use backend='turbomind' for AWQ weights.")
+        if key != "tp" or value != 1:  # tp=1 is the default: keep the command short
+            cmd += ["--" + key.replace("_", "-"), str(value)]
+    return cmd
+
+
+def quant_policy_table(shape, gpu_gb: float = 8, *, cache_max_entry_count: float = 0.4):
+    """``quant_policy`` 0 / 8 / 4 on a GPU: what each stores, bytes per value, and the tokens it holds."""
+    import pandas as pd
+
+    what = {0: "K/V kept in fp16/bf16 as computed",
+            8: "K/V per head and token to int8, with an fp16 scale and zero (near lossless)",
+            4: "K/V per head and token to int4, with an fp16 scale and zero (cheaper, loses some accuracy)"}
+    rows = []
+    for policy in (0, 8, 4):
+        plan = kv_cache_plan(shape, gpu_gb, cache_max_entry_count=cache_max_entry_count,
+                             quant_policy=policy)
+        rows.append({"quant_policy": policy, "KV cache": QUANT_POLICIES[policy], "what it does": what[policy],
+                     "bytes per K/V value": {0: 2, 8: 1, 4: 0.5}[policy], "KV tokens": plan["KV tokens"]})
+    return pd.DataFrame(rows).set_index("quant_policy")
 
 
 def make_pipeline(model: str, **engine):

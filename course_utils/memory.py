@@ -11,7 +11,9 @@ from dataclasses import dataclass
 GIB = 2**30
 BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5}
 
-# InternStudio hands out A100-80GB slices; the bootcamp's "10%/30%/50% A100" are these sizes.
+# InternStudio hands out A100-80GB slices; the bootcamp's "10%/30%/50% A100" are these sizes. The keys keep
+# the platform's names ("8 GB"); the values are compared with GiB totals: GPU memory is sized in binary
+# units (an A100 80GB has 80 GiB = 81920 MiB), so the course reads every budget as GiB.
 GPU_BUDGETS_GB = {
     "10% A100 (8 GB)": 8,
     "30% A100 (24 GB)": 24,
@@ -114,21 +116,72 @@ def fits_table(shapes=None, precisions=("fp16", "int8", "int4"), *, context: int
 
 
 def plot_weight_memory(shapes=None, precisions=("fp16", "int8", "int4")):
-    """Grouped bars of weight memory per model and precision, with the GPU budgets as lines."""
+    """Grouped bars of weight memory per model and precision, with the GPU budgets as lines, all in GiB.
+
+    One unit throughout: the slices InternStudio names "8 GB", "24 GB", "40 GB" are drawn at 8, 24 and
+    40 GiB, the unit ``total_memory_gb`` and ``fits_table`` compare against (GPU memory is sized in
+    binary units: nvidia-smi reports an A100 80GB as 81920 MiB = 80 GiB).
+    """
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.transforms import blended_transform_factory
 
     shapes = list(shapes or INTERNLM2_5.values())
     x = np.arange(len(shapes))
     width = 0.8 / len(precisions)
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
     for i, precision in enumerate(precisions):
-        ax.bar(x + i * width, [weight_memory(s, precision) / GIB for s in shapes], width, label=precision)
-    for gb in sorted(set(GPU_BUDGETS_GB.values())):
+        gib = [weight_memory(s, precision) / GIB for s in shapes]
+        bars = ax.bar(x + i * width, gib, width, label=precision)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=1)
+    budgets: dict[int, list[str]] = {}
+    for gpu, gb in GPU_BUDGETS_GB.items():  # one line per size, named by every budget of that size
+        name = "consumer card" if gpu.endswith("card") else gpu.split(" (")[0]  # "10% A100 (8 GB)" -> "10% A100"
+        budgets.setdefault(gb, []).append(name)
+    # x in axes coordinates, y in data: the label sits just right of the plot, never on a bar
+    right = blended_transform_factory(ax.transAxes, ax.transData)
+    for gb, names in sorted(budgets.items()):
         ax.axhline(gb, color="grey", linestyle="--", linewidth=0.8)
-        ax.text(len(shapes) - 0.2, gb, f"{gb} GB", va="bottom", fontsize=8, color="grey")
+        ax.text(1.01, gb, f"{gb} GiB: " + " / ".join(names), transform=right, va="center",
+                fontsize=8, color="dimgrey", clip_on=False)
     ax.set_xticks(x + width * (len(precisions) - 1) / 2, [s.name for s in shapes])
     ax.set_ylabel("weights (GiB)")
-    ax.legend()
+    ax.set_ylim(0, max(max(budgets), max(weight_memory(s, precisions[0]) / GIB for s in shapes)) * 1.12)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title("Weight memory vs GPU memory (GiB)", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+# ---- full-parameter training with DeepSpeed ZeRO (Rajbhandari et al., 2020) ---------------------------
+# Mixed-precision AdamW keeps, per parameter: fp16/bf16 weights (2 bytes), their gradients (2 bytes) and the
+# optimizer states (12 bytes: fp32 master weights, momentum, variance). ZeRO splits them over N GPUs:
+# stage 1 the optimizer states, stage 2 also the gradients, stage 3 also the weights themselves.
+ZERO_SHARDS = {0: (), 1: ("optimizer",), 2: ("optimizer", "gradients"), 3: ("optimizer", "gradients", "weights")}
+TRAINING_BYTES = {"weights": 2, "gradients": 2, "optimizer": 12}
+
+
+def zero_memory_gb(shape: ModelShape, gpus: int, stage: int) -> dict[str, float]:
+    """GiB per GPU for weights, gradients and optimizer states under ZeRO ``stage`` (0: plain data parallel).
+
+    Model states only: activations, buffers and the CUDA context come on top.
+    """
+    from .errors import CourseError
+
+    if stage not in ZERO_SHARDS:
+        raise CourseError(f"ZeRO stage {stage!r}: use 0 (none), 1, 2 or 3.")
+    if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1:
+        raise CourseError(f"gpus={gpus!r} must be a whole number of at least 1.")
+    n = shape.params()
+    parts = {part: n * b / (gpus if part in ZERO_SHARDS[stage] else 1) / GIB for part, b in TRAINING_BYTES.items()}
+    parts["total"] = sum(parts.values())
+    return {k: round(v, 1) for k, v in parts.items()}
+
+
+def zero_table(shape: ModelShape, gpus=(1, 2, 4, 8)):
+    """Per-GPU GiB of model states by ZeRO stage (rows) and number of GPUs (columns)."""
+    import pandas as pd
+
+    names = {0: "no ZeRO", 1: "ZeRO-1 (optimizer)", 2: "ZeRO-2 (+ gradients)", 3: "ZeRO-3 (+ weights)"}
+    return pd.DataFrame({f"{g} GPU": [zero_memory_gb(shape, g, s)["total"] for s in names] for g in gpus},
+                        index=pd.Index(names.values(), name=f"{shape.name}, GiB per GPU"))

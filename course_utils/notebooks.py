@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +27,11 @@ def execute_notebook(path: Path, *, out: Path | None = None, timeout: int = 1800
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
 
+    from .progress import HEADLESS_ENV
+
     path = Path(path)
     nb = nbformat.read(path, as_version=4)
+    os.environ[HEADLESS_ENV] = "1"  # the kernel inherits it: progress bars store their final line
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
                             resources={"metadata": {"path": str(path.parent.resolve())}})
     start, status, error = time.perf_counter(), "ok", ""

@@ -354,7 +354,7 @@ def quantize_w4a16(model, method: str = "rtn", group_size: int = GROUP_SIZE, cal
     calibration losses (AWQ) for inspection.
     """
     import torch
-    from tqdm.auto import tqdm
+    from .progress import progress as progress_bar
 
     import course_utils.quantize as q
 
@@ -370,7 +370,7 @@ def quantize_w4a16(model, method: str = "rtn", group_size: int = GROUP_SIZE, cal
     inputs = collect_inputs(model, tokenizer, calib_texts, layers,
                             max_tokens=max_calib_tokens) if method == "awq" else {}
     report = []
-    for name, lin in tqdm(layers.items(), desc=f"W4A16 {method}", disable=not progress):
+    for name, lin in progress_bar(layers.items(), desc=f"W4A16 {method}", disable=not progress):
         scale = None
         if method == "awq":
             scale, alpha, loss, rtn = awq_search_scale(lin.weight, inputs.pop(name), group_size, n_grid)
@@ -454,27 +454,50 @@ CPU_BATCHING_ARGS = ("--continuous-batching", "--cb-num-blocks", "64", "--cb-blo
 
 def benchmark_concurrency(client, model: str, prompts: list[str], *, concurrency: int = 8,
                           max_tokens: int = 32) -> dict:
-    """Send ``prompts`` to an OpenAI-compatible server, ``concurrency`` at a time: latency, throughput."""
+    """Send ``prompts`` to an OpenAI-compatible server, ``concurrency`` at a time: latency, throughput.
+
+    ``log`` keeps one record per request (start and end in seconds from the benchmark's start,
+    tokens, reply), so every aggregate can be recomputed and the overlap of requests checked.
+    """
     from concurrent.futures import ThreadPoolExecutor
 
-    def one(prompt: str):
-        start = time.perf_counter()
+    t0 = time.perf_counter()
+
+    def one(prompt: str) -> dict:
+        start = time.perf_counter() - t0
         reply = client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
             temperature=0)
-        return time.perf_counter() - start, reply.usage.completion_tokens if reply.usage else 0
+        end = time.perf_counter() - t0
+        return {"prompt": prompt, "start_s": start, "end_s": end,
+                "completion_tokens": reply.usage.completion_tokens if reply.usage else 0,
+                "text": (reply.choices[0].message.content or "") if reply.choices else ""}
 
-    start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        results = list(pool.map(one, prompts))
-    wall = time.perf_counter() - start
-    latencies = sorted(r[0] for r in results)
-    tokens = sum(r[1] for r in results)
-    return {"requests": len(prompts), "concurrency": concurrency, "wall_s": wall,
-            "latency_mean_s": sum(latencies) / len(latencies),
+        log = list(pool.map(one, prompts))
+    return {**load_summary(log, wall=time.perf_counter() - t0), "concurrency": concurrency, "log": log}
+
+
+def load_summary(log: list[dict], wall: float | None = None) -> dict:
+    """Latency and throughput of a benchmark ``log``; ``wall`` defaults to the last reply's end."""
+    latencies = sorted(r["end_s"] - r["start_s"] for r in log)
+    wall = wall if wall is not None else max(r["end_s"] for r in log)
+    tokens = sum(r["completion_tokens"] for r in log)
+    return {"requests": len(log), "wall_s": wall, "latency_mean_s": sum(latencies) / len(latencies),
             "latency_p50_s": latencies[len(latencies) // 2], "latency_max_s": latencies[-1],
             "completion_tokens": tokens, "throughput_tok_s": tokens / wall,
-            "requests_per_s": len(prompts) / wall}
+            "requests_per_s": len(log) / wall, "max_in_flight": max_in_flight(log)}
+
+
+def max_in_flight(log: list[dict]) -> int:
+    """The most requests of ``log`` that were open at the same moment."""
+    events = sorted([(r["start_s"], 1) for r in log] + [(r["end_s"], -1) for r in log],
+                    key=lambda e: (e[0], e[1]))  # an end before a start at the same instant
+    open_now = peak = 0
+    for _, step in events:
+        open_now += step
+        peak = max(peak, open_now)
+    return peak
 
 
 def measure_variant(name: str, model, tokenizer, texts: list[str], *, kv: str = "bf16",

@@ -2,13 +2,12 @@
 
 Loading, splitting, embedding and the incremental Chroma store live in ``course_utils.knowledge``
 and are re-exported here, so a notebook needs only ``from course_utils import rag``. The LLM is any
-``course_utils.chat`` protocol object (a local ``ChatSession``, an endpoint, ...) wrapped as a
-LangChain chat model.
+LangChain LLM (the lesson defines its own ``InternLM_LLM`` in the notebook) or a ``course_utils.chat``
+protocol object (a local ``ChatSession``, an endpoint, ...).
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import numbers
 from dataclasses import dataclass
@@ -24,12 +23,35 @@ from .knowledge import (  # noqa: F401  (re-exported: the lesson's API is course
 from .knowledge import _whole
 from .paths import DATA_DIR
 
-# One user message, no system message: it works the same through ChatSession.ask, .complete and an
-# endpoint. The question comes before and after the context because SmolLM2-135M loses it otherwise
-# (measured on the eval questions; see docs/benchmarks.md).
+# The default prompt of make_rag_chain / RagSession (the lesson writes its own in the notebook). One user
+# message, no system message: it works the same through ChatSession.ask, .complete and an endpoint. The
+# question comes before and after the context because SmolLM2-135M loses it otherwise.
 RAG_TEMPLATE = ("Question: {question}\n\nHere is some information that helps:\n{context}\n\n"
                 "Answer only from this information; if it does not contain the answer, say \"I don't know.\"\n"
                 "Question: {question}")
+
+
+def check_template(template) -> str:
+    """``template`` if it is a prompt string with both ``{context}`` and ``{question}``; else a CourseError."""
+    import string
+
+    if not isinstance(template, str) or not template.strip():
+        raise CourseError(f"template={template!r:.60}: use a prompt string with {{context}} and {{question}} "
+                          "in it, e.g. rag.RAG_TEMPLATE.")
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as exc:
+        raise CourseError(f"The prompt template does not parse ({exc}): write a literal brace as {{{{ or }}}}.") from None
+    missing = [f"{{{name}}}" for name in ("context", "question") if name not in fields]
+    if missing:
+        # Without {context} the model answers from memory; without {question} it never sees the question.
+        raise CourseError(f"The prompt template has no {' and no '.join(missing)}: the chain fills in the retrieved "
+                          "chunks as {context} and the question as {question}; put both in the template.")
+    extra = sorted(fields - {"context", "question"})
+    if extra:
+        raise CourseError(f"The prompt template has {{{extra[0]}}}, which the chain cannot fill: use only "
+                          "{context} and {question} (write a literal brace as {{ or }}).")
+    return template
 
 
 # ---------------------------------------------------------------- retrieval
@@ -105,9 +127,9 @@ def format_context(hits: list[Hit]) -> str:
     return "\n\n".join(h.text for h in hits)
 
 
-def rag_messages(hits: list[Hit], question: str) -> list[dict]:
-    """The message list the model gets for one question (see ``RAG_TEMPLATE``)."""
-    return [{"role": "user", "content": RAG_TEMPLATE.format(context=format_context(hits), question=question)}]
+def rag_messages(hits: list[Hit], question: str, template: str = RAG_TEMPLATE) -> list[dict]:
+    """The message list the model gets for one question: ``template`` filled in, as one user message."""
+    return [{"role": "user", "content": template.format(context=format_context(hits), question=question)}]
 
 
 def sources_markdown(hits: list[Hit], max_sources: int = 3) -> str:
@@ -121,46 +143,19 @@ def sources_markdown(hits: list[Hit], max_sources: int = 3) -> str:
     return "**Sources**\n\n" + "\n".join(lines)
 
 
-# ---------------------------------------------------------------- the LLM and the chain
+# ---------------------------------------------------------------- the chain
 
-_ROLES = {"human": "user", "ai": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
+def _as_runnable(llm):
+    """A LangChain LLM or chat model as it is; a chat-protocol session (``complete(messages)``) as a step
+    that sends the filled-in prompt as one user message (what the lesson's LLM class does in its ``_call``)."""
+    from langchain_core.runnables import Runnable, RunnableLambda
 
-
-@functools.cache
-def _chat_model_class():
-    """Defined on first use so importing course_utils.rag does not import LangChain."""
-    from langchain_core.language_models import BaseChatModel
-    from langchain_core.messages import AIMessage
-    from langchain_core.outputs import ChatGeneration, ChatResult
-
-    class SessionChatModel(BaseChatModel):
-        """A LangChain chat model that answers through ``session.complete(messages)``."""
-
-        session: Any
-        gen: dict = {}
-
-        @property
-        def _llm_type(self) -> str:
-            return "course-utils-chat-session"
-
-        def _generate(self, messages, stop=None, run_manager=None, **kwargs) -> ChatResult:
-            turns = [{"role": _ROLES.get(m.type, "user"), "content": m.content} for m in messages]
-            reply = self.session.complete(turns, **{**self.gen, **kwargs})
-            return ChatResult(generations=[ChatGeneration(message=AIMessage(content=reply))])
-
-    return SessionChatModel
-
-
-def as_chat_model(session, **gen):
-    """Any chat-protocol object (``complete(messages)``) as a LangChain chat model; LangChain models pass through."""
-    from langchain_core.language_models import BaseChatModel
-
-    if isinstance(session, BaseChatModel):
-        return session
-    if not callable(getattr(session, "complete", None)):
-        raise CourseError(f"{type(session).__name__} has no complete(messages): pass a ChatSession "
-                          "(ChatSession.load() or ChatSession.remote(url)) or a LangChain chat model.")
-    return _chat_model_class()(session=session, gen=gen)
+    if isinstance(llm, Runnable):
+        return llm
+    if not callable(getattr(llm, "complete", None)):
+        raise CourseError(f"{type(llm).__name__} is not an LLM: pass a LangChain LLM (the lesson's InternLM_LLM) "
+                          "or a ChatSession (ChatSession.load() or ChatSession.remote(url)).")
+    return RunnableLambda(lambda prompt: llm.complete([{"role": "user", "content": prompt.to_string()}]))
 
 
 def _question(value) -> dict:
@@ -171,20 +166,24 @@ def _question(value) -> dict:
     return value
 
 
-def make_rag_chain(llm, store, *, k: int = 4, mmr: bool = False, fetch_k: int = 20, lambda_mult: float = 0.5):
-    """An LCEL chain: question -> retrieve -> prompt -> LLM -> ``{"question", "answer", "sources"}``.
+def make_rag_chain(llm, store, *, k: int = 4, mmr: bool = False, fetch_k: int = 20, lambda_mult: float = 0.5,
+                   template: str = RAG_TEMPLATE):
+    """The lesson's LCEL chain, packaged for homework and checks: question -> retrieve -> prompt -> LLM ->
+    ``{"question", "answer", "sources"}``.
 
-    ``sources`` holds ``{"path", "section", "score"}`` per retrieved chunk, best first.
+    ``llm``: a LangChain LLM or chat model, or a ``ChatSession``. ``sources`` holds ``{"path", "section",
+    "score"}`` per retrieved chunk, best first.
     """
     from langchain_core.output_parsers import StrOutputParser
-    from langchain_core.prompts import ChatPromptTemplate
+    from langchain_core.prompts import PromptTemplate
     from langchain_core.runnables import RunnableLambda, RunnablePassthrough
 
     _check_store(store)  # now, not at the first question
     _check_search(k, mmr, fetch_k, lambda_mult)
+    prompt = PromptTemplate.from_template(check_template(template))
+    llm = _as_runnable(llm)
     search = RunnableLambda(lambda q: retrieve(store, q, k=k, mmr=mmr, fetch_k=fetch_k, lambda_mult=lambda_mult))
-    prompt = ChatPromptTemplate.from_messages([("human", RAG_TEMPLATE)])
-    answer = prompt | as_chat_model(llm) | StrOutputParser()
+    answer = prompt | llm | StrOutputParser()
     return (RunnableLambda(_question)
             | RunnablePassthrough.assign(hits=itemgetter("question") | search)
             | RunnablePassthrough.assign(context=lambda x: format_context(x["hits"]))
@@ -203,10 +202,12 @@ class RagSession:
     context); ``history`` keeps the conversation for display.
     """
 
-    def __init__(self, chat, store, *, k: int = 4, mmr: bool = False, max_sources: int = 3):
+    def __init__(self, chat, store, *, k: int = 4, mmr: bool = False, max_sources: int = 3,
+                 template: str = RAG_TEMPLATE):
         _check_store(store)  # now, not at the first question
         _check_k(k)
         self.chat, self.store, self.k, self.mmr, self.max_sources = chat, store, k, mmr, max_sources
+        self.template = check_template(template)
         self.history: list[dict] = []
         self.last_hits: list[Hit] = []
 
@@ -234,7 +235,7 @@ class RagSession:
         hits, parts = self._retrieve(text), []
         try:
             self.chat.reset()  # the wrapped session only ever holds the current RAG prompt
-            for piece in self.chat.ask(rag_messages(hits, text)[0]["content"], stream=True):
+            for piece in self.chat.ask(rag_messages(hits, text, self.template)[0]["content"], stream=True):
                 parts.append(piece)
                 yield piece
             parts.append("\n\n" + sources_markdown(hits, self.max_sources))  # also after stop()
@@ -249,7 +250,7 @@ class RagSession:
         if not question:
             raise CourseError("complete() needs at least one user message.")
         hits = self._retrieve(question)
-        answer = self.chat.complete(rag_messages(hits, question), **gen)
+        answer = self.chat.complete(rag_messages(hits, question, self.template), **gen)
         return f"{answer.strip()}\n\n{sources_markdown(hits, self.max_sources)}"
 
     def stop(self) -> None:

@@ -351,3 +351,35 @@ def show_labels(tokenizer, example: dict) -> str:
     return ('<div style="line-height:1.9">' + "".join(cells) + "</div>"
             '<div><span style="background:#c8f7c5;color:#000">green</span>: loss on it, '
             '<span style="background:#e6e6e6;color:#000">grey</span>: label -100</div>')
+
+
+def load_texts(path: str | Path) -> list[str]:
+    """Plain texts for continued pre-training: ``{"text": ...}`` per JSONL line (XTuner's pretrain format)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CourseError(f"{path.name}: file not found. Write one JSON object per line: {{\"text\": \"...\"}}.")
+    texts = []
+    for i, line in enumerate(_decode(path).splitlines()):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as err:
+            raise CourseError(f"{path.name}, line {i + 1}: not valid JSON ({err.msg}).") from None
+        text = record.get("text") if isinstance(record, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            raise CourseError(f"{path.name}, line {i + 1}: needs a non-empty \"text\" field (pre-training data "
+                              "is plain text, not conversations).")
+        texts.append(text)
+    if not texts:
+        raise CourseError(f"{path.name} holds no texts.")
+    return texts
+
+
+def build_text_examples(tokenizer, texts: list[str], max_length: int) -> list[dict]:
+    """Pre-training rows: the texts joined by EOS and cut into ``max_length`` chunks; loss on every token."""
+    ids = []
+    for text in texts:  # no chat template: the model reads domain text, as in its pre-training
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return [{"input_ids": ids[i:i + max_length], "labels": ids[i:i + max_length]}
+            for i in range(0, len(ids), max_length)]

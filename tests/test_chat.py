@@ -154,7 +154,8 @@ def test_widget_submit_streams_into_the_view():
     assert reply.strip() == "one two three four five six"
     assert len(w.log.children) == 2
     assert "Hello there" in w.log.children[0].value and "four five" in w.log.children[1].value
-    assert [b._dom_classes for b in w.log.children] == [("course-chat-user",), ("course-chat-assistant",)]
+    assert [b._dom_classes for b in w.log.children] == [("course-chat-user", "course-chat-current"),
+                                                         ("course-chat-assistant",)]
     assert s.generation.temperature == 0.3 and s.generation.max_new_tokens == 32
     assert w.send_button.disabled is False and w.stop_button.disabled is True
     assert "**assistant:**" in w.transcript()
@@ -171,7 +172,24 @@ def test_widget_parts_carry_stable_css_classes():
     assert all(name in part._dom_classes for part, name in parts.items())
     scroller = w.view.children[1]
     assert scroller.children == (w.log,) and scroller.layout.flex_flow == "column-reverse"
+    # grows with the chat up to the height, so a short conversation shows whole (no band above it)
+    assert scroller.layout.max_height == "480px" and not scroller.layout.height
+    assert scroller.layout.overflow == "auto"  # it scrolls (ipywidgets 8 has no overflow_y)
+    # the log inside keeps its height (something to scroll) and is no scroll container itself (sticky)
+    assert (w.log.layout.flex, w.log.layout.overflow) == ("0 0 auto", "visible")
     assert w.temperature.style.description_width == "initial"
+
+
+def test_widget_log_reads_oldest_first_and_only_the_newest_question_sticks():
+    w = ChatWidget(fake_session())
+    w.submit("first question")
+    w.submit("second question")
+    roles = ["user" if "course-chat-user" in b._dom_classes else "assistant" for b in w.log.children]
+    assert roles == ["user", "assistant", "user", "assistant"]
+    assert "first question" in w.log.children[0].value and "second question" in w.log.children[2].value
+    sticky = [b for b in w.log.children if "course-chat-current" in b._dom_classes]
+    assert sticky == [w.log.children[2]]  # the question being answered, not the older one
+    assert "position:sticky" in w.view.children[0].value
 
 
 def test_widget_renders_appended_markdown_from_any_protocol_object():

@@ -484,3 +484,66 @@ def test_reuse_continues_the_latest_run(tmp_path, monkeypatch):
     assert first.out_dir.parent == tmp_path / "eval" and first.out_dir.name[:2] == "20"  # a timestamp
     again = evaluate("unused", "course_en", mode="gen", test_range="[0:2]", reuse=True, abbr="canned")
     assert again.out_dir == first.out_dir and again.reused == 2
+
+
+# ---- which weights made the predictions (L6.compare) ----------------------------------------------
+def _explained(base, variant, words: str) -> dict:
+    delta = variant.accuracy - base.accuracy
+    return {"base": base, "variant": variant, "explanation": words.format(delta=f"{delta:+.2f}")}
+
+
+@pytest.fixture
+def lora_llama(random_llama):
+    """random_llama with a non-zero LoRA update: other weights, same architecture."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    tuned = get_peft_model(copy.deepcopy(random_llama), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    return tuned.eval()
+
+
+def test_predictions_record_the_weights_and_reuse_refuses_other_weights(random_llama, lora_llama,
+                                                                        tiny_tokenizer, tmp_path):
+    from course_utils.evaluate import weights_fingerprint
+
+    run = dict(test_range="[0:4]", out_dir=tmp_path, progress=False)
+    base = evaluate(LocalLM(random_llama, tiny_tokenizer, abbr="base"), "course_en", **run)
+    renamed = evaluate(LocalLM(random_llama, tiny_tokenizer, abbr="renamed"), "course_en", **run)
+    tuned = evaluate(LocalLM(lora_llama, tiny_tokenizer, abbr="tuned"), "course_en", **run)
+    assert base.weights == renamed.weights == weights_fingerprint(random_llama) != tuned.weights
+    assert {r["weights"] for r in map(json.loads, tuned.predictions_path.read_text().splitlines())} == {tuned.weights}
+    assert json.loads(base.results_path.read_text())["weights"] == base.weights
+    # the tuned model must not silently take over the base model's stored predictions
+    with pytest.raises(CourseError, match="made by other weights"):
+        evaluate(LocalLM(lora_llama, tiny_tokenizer, abbr="base"), "course_en", reuse=True, **run)
+
+
+def test_L6_compare_needs_different_weights_and_reads_chinese(random_llama, lora_llama, tiny_tokenizer, tmp_path):
+    from course_utils import homework
+
+    run = dict(test_range="[0:4]", out_dir=tmp_path, progress=False)
+    base = evaluate(LocalLM(random_llama, tiny_tokenizer, abbr="base"), "course_en", **run)
+    renamed = evaluate(LocalLM(random_llama, tiny_tokenizer, abbr="renamed"), "course_en", **run)
+    tuned = evaluate(LocalLM(lora_llama, tiny_tokenizer, abbr="tuned"), "course_en", **run)
+    english = ("Accuracy changed by {delta} points because the update moves the option log-likelihoods, "
+               "so close calls between options flip one way or the other.")
+    assert homework.run_check("L6.compare", _explained(base, tuned, english)).passed
+    same = homework.run_check("L6.compare", _explained(base, renamed, english))
+    assert not same.passed and "same weights" in same.detail  # a new abbr is not a new model
+    chinese = "准确率变化了 {delta} 个百分点：LoRA 更新改变了每个选项的对数似然，接近的选项因此翻转。"
+    assert homework.run_check("L6.compare", _explained(base, tuned, chinese)).passed
+    short = homework.run_check("L6.compare", _explained(base, tuned, "变化 {delta} 点，因为权重变了。"))
+    assert not short.passed and "15 words" in short.detail
+
+
+def test_export_points_a_registry_model_at_the_local_copy(tmp_path, tiny_model_dir):
+    """The tiny profile's model is exported as the folder this machine has: OpenCompass runs offline."""
+    export_opencompass_config("smollm2-135m-instruct", "course_en", tmp_path / "t.py", mode="ppl", num_gpus=0)
+    [model] = dict_calls((tmp_path / "t.py").read_text())["HuggingFaceBaseModel"]
+    assert model["path"] == str(tiny_model_dir) and model["abbr"] == "smollm2-135m-instruct"

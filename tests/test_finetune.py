@@ -3,6 +3,7 @@ training, resume and merge. One LoRA run is shared by the model tests (module-sc
 
 import json
 import types
+from pathlib import Path
 from dataclasses import replace
 
 import pytest
@@ -188,7 +189,9 @@ def test_export_xtuner_config_carries_the_values(tmp_path):
     assert (ns["max_length"], ns["pack_to_max_length"], ns["max_epochs"], ns["max_iters"]) == (128, True, 3, None)
     assert ns["save_steps"] == 5 * 4 and ns["evaluation_freq"] == 3 * 4  # iterations = batches
     assert ns["evaluation_inputs"] == ["Who are you?"] and ns["data_path"] == str(paths["conversation"])
-    assert ns["pretrained_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    # the tiny model from its converted local folder: XTuner runs offline, like the rest of the course
+    from course_utils.models import resolve
+    assert ns["pretrained_model_name_or_path"] == str(resolve("smollm2-135m-instruct").resolve())
     [lora] = calls["LoraConfig"]
     assert (lora["r"], lora["lora_alpha"], lora["target_modules"]) == (16, 32, ["q_proj", "v_proj"])
     [bnb] = calls["BitsAndBytesConfig"]
@@ -223,6 +226,97 @@ def test_exported_schedule_skips_a_zero_warmup(tmp_path):
         assert kinds == (["LinearLR"] if int(ratio * (steps or 0)) or (ratio and not steps) else []) + \
             ["CosineAnnealingLR"]  # mmengine refuses a LinearLR whose begin == end
         assert all(s["end"] > s["begin"] for s in scope["param_scheduler"])
+
+
+def test_config_table_names_what_the_export_writes(tmp_path):
+    """Every "XTuner name" in cfg.table() is a setting of the exported file, with the config's value."""
+    import ast
+
+    from course_utils.finetune import PARTS, xtuner_setting
+
+    paths = make_identity_dataset("Alex", out_dir=tmp_path)
+    cfg = FinetuneConfig(data_path=str(paths["conversation"]), max_steps=5, lora_r=4, system_prompt="Be brief.")
+    path = export_xtuner_config(cfg, tmp_path / "t.py", device="cpu")
+    not_in_file = {"--work-dir", "EvaluateChatHook.max_new_tokens"}  # a CLI flag, a hook argument
+    for field, name in ((f, n) for names in PARTS.values() for f, n in names.items() if n not in not_in_file):
+        text = xtuner_setting(path, name)
+        assert text is not None, f"{field}: {name} is not in the exported config"
+        value = getattr(cfg, field)
+        if field == "data_path":
+            value = str(Path(value).resolve())
+        if field in ("lora_targets", "quantization", "model"):
+            continue  # layer names / a BitsAndBytesConfig / a folder: checked in the export tests
+        assert ast.literal_eval(text) == value, (field, name, text)
+
+
+def test_bootcamp_config_comparison_reads_both_files(tmp_path):
+    from course_utils.finetune import compare_xtuner_configs
+
+    paths = make_identity_dataset("Alex", out_dir=tmp_path)
+    gpu = export_xtuner_config(FinetuneConfig.for_profile("internstudio", data_path=str(paths["conversation"]),
+                                                          model=str(tmp_path)), tmp_path / "g.py", device="cuda")
+    cpu = export_xtuner_config(FinetuneConfig(data_path=str(paths["conversation"])), tmp_path / "c.py", device="cpu")
+    table = compare_xtuner_configs(gpu, cpu)
+    assert table.loc["quantization", "bootcamp"] == "4-bit NF4 (QLoRA)" and table.loc["quantization", "course (CPU)"] == "None"
+    assert table.loc["LoRA r / alpha", "bootcamp"] == "64 / 16" and table.loc["lr", "course (CPU)"] == "0.001"
+    assert (table.loc["optimizer wrapper", "bootcamp"], table.loc["precision", "course (CPU)"]) == \
+        ("AmpOptimWrapper", "fp32 (no AMP)")
+    assert table.loc["data", "bootcamp"] == "—"  # the export names it data_path, the bootcamp alpaca_en_path
+
+
+def test_pretraining_texts_and_rows(tmp_path, tokenizer):
+    from course_utils.paths import DATA_DIR
+    from course_utils.sft_data import build_text_examples, load_texts
+
+    texts = load_texts(DATA_DIR / "finetune" / "pretrain_en.jsonl")
+    rows = build_text_examples(tokenizer, texts, 64)
+    flat = [t for r in rows for t in r["input_ids"]]
+    assert all(r["labels"] == r["input_ids"] and len(r["input_ids"]) <= 64 for r in rows)  # loss on every token
+    assert flat.count(tokenizer.eos_token_id) == len(texts) and len(rows[0]["input_ids"]) == 64
+    assert tokenizer.decode(flat).startswith(texts[0])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"messages": []}\n')
+    with pytest.raises(CourseError, match=r"bad.jsonl, line 2: needs a non-empty \"text\" field"):
+        load_texts(bad)
+
+
+def test_zero_stages_shard_more_and_more():
+    from course_utils.memory import GIB, INTERNLM2_5, zero_memory_gb, zero_table
+
+    shape = INTERNLM2_5["InternLM2.5-7B"]
+    n = shape.params()
+    assert zero_memory_gb(shape, 1, 3)["total"] == round(16 * n / GIB, 1)  # one GPU: nothing to split
+    assert zero_memory_gb(shape, 4, 1)["total"] == round((2 + 2 + 12 / 4) * n / GIB, 1)
+    assert zero_memory_gb(shape, 4, 2)["total"] == round((2 + 14 / 4) * n / GIB, 1)
+    assert zero_memory_gb(shape, 8, 3)["total"] == round(16 * n / 8 / GIB, 1)
+    table = zero_table(shape)
+    assert (table.diff(axis=0).iloc[1:] <= 0).all().all() and (table.diff(axis=1).iloc[:, 1:] <= 0).all().all()
+    with pytest.raises(CourseError, match="ZeRO stage 4"):
+        zero_memory_gb(shape, 2, 4)
+
+
+def test_xtuner_log_parsers():
+    from course_utils.finetune import xtuner_chat_reply, xtuner_samples
+
+    hook = "<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>\n"
+    log = ("[mmengine INFO] Num train samples 12\n" + hook.format(q="Hi", a="train row, not a sample")
+           + "[mmengine INFO] before_train in EvaluateChatHook.\n[mmengine INFO] Sample output:\n" + hook.format(q="Hi", a="Hello!")
+           + "[mmengine INFO] Iter(train) [3/6] loss: 1.0\n[mmengine INFO] after_train_iter in EvaluateChatHook.\n"
+           + "[mmengine INFO] Sample output:\n" + hook.format(q="Hi", a="I am Ada's.")
+           + "[mmengine INFO] after_train in EvaluateChatHook.\n[mmengine INFO] Sample output:\n" + hook.format(q="Hi", a="again"))
+    samples = xtuner_samples(log, every=3)
+    assert samples.values.tolist() == [[0, "Hi", "Hello!"], [3, "Hi", "I am Ada's."]]  # the end repeats iter 3
+    samples = xtuner_samples(log.replace("[3/6]", "[4/6]"), every=3)  # a run that ended between evaluations
+    assert samples.values.tolist() == [[0, "Hi", "Hello!"], [3, "Hi", "I am Ada's."], [4, "Hi", "again"]]
+    chat = ("Load LLM from ./merged\n\ndouble enter to end input (EXIT: exit chat, RESET: reset history) >>> "
+            "The attention mask is not set and cannot be inferred.\n<course>/.venv-sim/lib/python3.11/site-packages/"
+            "transformers/generation/configuration_utils.py:628: UserWarning: `do_sample` is set to `False`.\n"
+            "  warnings.warn(\nI am Ada's assistant.<|im_end|>\n"
+            "Remove the memory of history responses, since it exceeds the length limitation 24.\n\n"
+            "double enter to end input (EXIT: exit chat, RESET: reset history) >>> Log: Exit!\n")
+    assert xtuner_chat_reply(chat) == "I am Ada's assistant."
+    with pytest.raises(CourseError, match="no reply"):
+        xtuner_chat_reply("Load LLM from ./merged\nTraceback ...")
 
 
 def test_config_table_and_profiles():
@@ -293,25 +387,17 @@ def test_lora_parameter_count_matches_the_estimate(trained):
     assert lora_parameter_count(shape, cfg.lora_r) == trainable  # the formula behind the estimate
 
 
-class _StopAfterSave(Exception):
-    pass
-
-
 @pytest.mark.slow
 def test_resume_after_interruption_reaches_the_same_end(trained, tmp_path):
-    from transformers import TrainerCallback
-
     result, cfg = trained
 
-    class Crash(TrainerCallback):
-        def on_save(self, args, state, control, **kw):
-            raise _StopAfterSave(state.global_step)  # like a kill right after a checkpoint
+    from course_utils.finetune import stop_after
 
     quick = FinetuneConfig(**{**cfg.__dict__, "work_dir": str(tmp_path / "run"),
                               "evaluation_freq": 0, "eval_max_new_tokens": 2})
-    with pytest.raises(_StopAfterSave):
-        train(quick, callbacks=[Crash()])
-    assert (tmp_path / "run" / "checkpoint-3").is_dir()
+    stopped = train(quick, callbacks=[stop_after(5)])  # stops between two checkpoints, saving nothing
+    assert stopped.global_step == 5 and list(stopped.log.step) == [1, 2, 3, 4, 5]
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-3"]
     resumed = train(quick, resume=True)
     assert resumed.resumed_from == 3 and resumed.global_step == result.global_step
     assert list(resumed.log.step) == list(range(4, result.global_step + 1))

@@ -125,12 +125,25 @@ def test_every_lesson_has_basic_and_advanced_tasks():
 # ---- lesson 1 checks: right and wrong answers ----------------------------------------------------
 
 def l1_env_report():
-    from course_utils.env import detect, profile
-    from course_utils.models import default_name
+    """The report as a learner writes it: facts read from the machine, parameters counted from config.json."""
+    import json
+    import os
+    import platform
 
-    facts = detect()
-    return {"python": facts.python, "torch": facts.torch, "cuda": facts.cuda, "gpu": facts.gpu_name,
-            "profile": profile(), "chat_model": default_name("chat")}
+    import torch
+
+    from course_utils.env import profile
+    from course_utils.memory import ModelShape
+    from course_utils.models import default_name, resolve
+
+    cuda = torch.cuda.is_available()
+    memory = (torch.cuda.get_device_properties(0).total_memory if cuda
+              else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) / 2**30
+    name = default_name("chat")
+    config = json.loads((resolve(name) / "config.json").read_text(encoding="utf-8"))
+    return {"python": platform.python_version(), "torch": torch.__version__, "cuda": cuda,
+            "gpu": torch.cuda.get_device_name(0) if cuda else None, "memory_gib": round(memory, 1),
+            "profile": profile(), "chat_model": name, "chat_model_params": ModelShape.from_config(config).params()}
 
 
 def test_l1_checks_recompute_from_the_machine():
@@ -139,6 +152,24 @@ def test_l1_checks_recompute_from_the_machine():
     wrong = homework.run_check("L1.env", {**report, "cuda": not report["cuda"]})
     assert not wrong.passed and "cuda=" in wrong.detail
     assert not homework.run_check("L1.env", "Python 3.11").passed
+    # the memory and the parameter count are checked against the machine and the weight files
+    assert "memory_gib=" in homework.run_check("L1.env", {**report, "memory_gib": report["memory_gib"] * 2}).detail
+    as_gb = {**report, "memory_gib": round(report["memory_gib"] * 2**30 / 1e9, 1)}  # GB, not GiB: 7% more
+    assert "memory_gib=" in homework.run_check("L1.env", as_gb).detail
+    off = homework.run_check("L1.env", {**report, "chat_model_params": report["chat_model_params"] * 0.9})
+    assert "chat_model_params=" in off.detail and "weights of" in off.detail
+    old_report = {k: v for k, v in report.items() if k not in ("memory_gib", "chat_model_params")}
+    assert "lacks memory_gib, chat_model_params" in homework.run_check("L1.env", old_report).detail
+
+
+def test_l1_env_counts_parameters_from_the_weight_files(tmp_path):
+    from safetensors.numpy import save_file
+    import numpy as np
+
+    save_file({"a": np.zeros((3, 4), np.float32), "b": np.zeros((5,), np.float32)}, tmp_path / "x.safetensors")
+    save_file({"c": np.zeros((2, 2, 2), np.float32)}, tmp_path / "y.safetensors")
+    assert homework._weights_on_disk(tmp_path) == 12 + 5 + 8
+    assert homework._weights_on_disk(tmp_path / "none") is None
 
 
 def test_l1_memory_and_context_checks_catch_wrong_numbers():
@@ -272,23 +303,26 @@ def downloaded_files(tmp_path_factory):
 
     cache = tmp_path_factory.mktemp("hub")
     with hub.serve_mirror() as mirror:
-        return {name: hub.download(homework.HUB_REPO, name, endpoint=mirror.endpoint, cache_dir=cache)
-                for name in ("config.json", "model.safetensors.index.json")}
+        return {repo: hub.download(repo, "config.json", endpoint=mirror.endpoint, cache_dir=cache)
+                for repo in (homework.HUB_REPO, "internlm/internlm2-chat-1_8b")}
 
 
 def test_download_check_reparses_the_files(downloaded_files):
-    answer = {"config": downloaded_files["config.json"],
-              "index": downloaded_files["model.safetensors.index.json"], "layers": 24,
-              "parameters": 1_889_110_016}
+    answer = {"config": downloaded_files[homework.HUB_REPO], "layers": 60, "parameters": 20_088_714_240}
     assert homework.run_check("L2.download", answer).passed
-    assert homework.run_check("L2.download", {**answer, "parameters": 1.9e9}).passed  # within 1%
+    assert homework.run_check("L2.download", {**answer, "parameters": 20.1e9}).passed  # within 1%
     wrong_layers = homework.run_check("L2.download", {**answer, "layers": 32})
-    assert not wrong_layers.passed and "num_hidden_layers=24" in wrong_layers.detail
+    assert not wrong_layers.passed and "num_hidden_layers=60" in wrong_layers.detail
     assert not homework.run_check("L2.download", {**answer, "parameters": 7e9}).passed
     mirror_copy = REPO_ROOT / "data" / "hub_mirror" / homework.HUB_REPO / "config.json"
     assert "mirror's own copy" in homework.run_check("L2.download", {**answer, "config": mirror_copy}).detail
-    swapped = {**answer, "config": answer["index"]}
-    assert not homework.run_check("L2.download", swapped).passed
+    other_model = {**answer, "config": downloaded_files["internlm/internlm2-chat-1_8b"]}
+    assert "not InternLM-20B's" in homework.run_check("L2.download", other_model).detail
+
+
+def test_story_hint_guides_without_giving_the_code():
+    hint = homework.TASKS["L2.story"].hint
+    assert "continue" in hint and "write_story(" not in hint and "min_words" not in hint
 
 
 def fake_eval(tmp_path, name: str, mode: str, model: str, wrong: int, n: int = 10):
@@ -301,7 +335,8 @@ def fake_eval(tmp_path, name: str, mode: str, model: str, wrong: int, n: int = 1
     flip = {"A": "B", "B": "C", "C": "D", "D": "A"}
     path = tmp_path / f"{name}.jsonl"
     path.write_text("".join(json.dumps({"id": r["id"], "prediction": flip[r["answer"]] if i < wrong
-                                        else r["answer"], "gold": r["answer"], "correct": True}) + "\n"
+                                        else r["answer"], "gold": r["answer"], "correct": True,
+                                        "weights": f"weights-of-{model}"}) + "\n"
                             for i, r in enumerate(records)))
     return SimpleNamespace(dataset="course_en", mode=mode, model=model, predictions_path=path,
                            accuracy=100.0)  # "correct" and "accuracy" lie: the check re-scores

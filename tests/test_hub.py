@@ -10,6 +10,7 @@ from course_utils.models import COMPLETE_MARKER, ModelSpec
 from course_utils.paths import DATA_DIR
 
 REPO = "internlm/internlm2-chat-1_8b"
+REPO_20B = "internlm/internlm-20b"  # the bootcamp's homework downloads its config.json
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +115,7 @@ def test_modelscope_source_uses_the_modelscope_id(tmp_path, monkeypatch):
 
 
 def test_mirror_layout_and_weights_summary(mirror):
-    assert hub.mirror_repos() == [REPO]
+    assert hub.mirror_repos() == [REPO_20B, REPO]
     folder = DATA_DIR / "hub_mirror" / REPO
     summary = hub.weights_summary(folder / "config.json", folder / "model.safetensors.index.json")
     # InternLM2-chat-1.8B: 1.89 B parameters in bf16 = the index's byte total / 2, in 2 shards.
@@ -139,3 +140,48 @@ def test_modelscope_refuses_while_offline(tmp_path, monkeypatch):
     with pytest.raises(CourseError, match="ModelScope"):
         hub.snapshot("Shanghai_AI_Laboratory/internlm2-chat-1_8b", tmp_path / "m",
                      source="modelscope")
+
+
+def test_internlm_20b_config_counts_to_its_published_weights(mirror, tmp_path, offline):
+    """The mirror's copy of InternLM-20B's config.json is the published file: the real client serves it
+    unchanged, and the parameters it implies fill exactly the bytes of the published weight index."""
+    path = hub.download(REPO_20B, "config.json", endpoint=mirror.endpoint, cache_dir=tmp_path)
+    config = json.loads(path.read_text())
+    assert (config["model_type"], config["num_hidden_layers"], config["hidden_size"]) == ("internlm", 60, 5120)
+    assert hub.count_parameters(config) == 20_088_714_240
+    # total_size of pytorch_model.bin.index.json in internlm/internlm-20b (bf16, 5 shards)
+    assert 2 * hub.count_parameters(config) == 40_177_428_480
+
+
+def test_the_real_modelscope_client_downloads_from_the_mirror(mirror, tmp_path, monkeypatch):
+    """modelscope's own model_file_download, against the mirror's ModelScope URL layout (offline)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # downloads are off: only the loopback mirror is allowed
+    path = hub.download("Shanghai_AI_Laboratory/internlm-20b", "config.json", source="modelscope",
+                        endpoint=mirror.endpoint, cache_dir=tmp_path)
+    assert path.read_bytes() == (DATA_DIR / "hub_mirror" / REPO_20B / "config.json").read_bytes()
+    assert path.is_relative_to(tmp_path)
+    assert "GET /api/v1/models/Shanghai_AI_Laboratory/internlm-20b/repo" in mirror.requests
+    with pytest.raises(CourseError, match="ModelScope"):
+        hub.download("Shanghai_AI_Laboratory/internlm-20b", "tokenizer.model", source="modelscope",
+                     endpoint=mirror.endpoint, cache_dir=tmp_path)
+
+
+def test_modelscope_layout_refuses_paths_out_of_the_mirror(mirror):
+    import urllib.error
+    import urllib.request
+
+    for bad in ("../../../etc/passwd", "%2e%2e/%2e%2e/etc/passwd", "/etc/passwd"):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"{mirror.endpoint}/api/v1/models/Shanghai_AI_Laboratory/"
+                                   f"internlm-20b/repo?Revision=master&FilePath={bad}")
+        assert err.value.code == 404
+
+
+def test_progress_false_leaves_no_bar_in_the_output(mirror, tmp_path, monkeypatch, capsys):
+    """A notebook stores whatever a bar drew: progress=False keeps a small download's output clean."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for n, progress in enumerate((True, False)):
+        hub.download("Shanghai_AI_Laboratory/internlm-20b", "config.json", source="modelscope",
+                     endpoint=mirror.endpoint, cache_dir=tmp_path / str(n), progress=progress)
+        drawn = "%|" in capsys.readouterr().err
+        assert drawn == progress

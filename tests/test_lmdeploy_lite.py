@@ -94,3 +94,30 @@ def test_gpu_memory_needs_nvidia_smi(monkeypatch):
     monkeypatch.setattr(subprocess, "run", missing)
     with pytest.raises(CourseError, match="nvidia-smi"):
         ll.gpu_memory_used_mib()
+
+
+def test_chat_command_carries_the_engine_settings():
+    cmd = ll.chat_cli("/share/m", quant_policy=8, cache_max_entry_count=0.4)
+    assert cmd == ["lmdeploy", "chat", "/share/m", "--backend", "turbomind", "--quant-policy", "8",
+                   "--cache-max-entry-count", "0.4"]
+    assert cmd == ll.chat_cli("/share/m", quant_policy=8, cache_max_entry_count=0.4, tp=1)  # the default stays implicit
+    awq = ll.chat_cli("/share/w4", model_format="awq", tp=2, session_len=4096)
+    assert awq[awq.index("--model-format") + 1] == "awq" and awq[awq.index("--tp") + 1] == "2"
+    assert awq[awq.index("--session-len") + 1] == "4096"
+
+
+@pytest.mark.parametrize("kwargs, match", [({"quant_policy": 2}, "quant_policy=2"),
+                                           ({"cache_max_entry_count": 1.5}, "cache_max_entry_count"),
+                                           ({"backend": "vllm"}, "backend='vllm'"),
+                                           ({"backend": "pytorch", "model_format": "awq"}, "TurboMind option")])
+def test_chat_command_checks(kwargs, match):
+    with pytest.raises(CourseError, match=match):
+        ll.chat_cli("/share/m", **kwargs)
+
+
+def test_quant_policy_table_doubles_the_tokens_per_halving():
+    table = ll.quant_policy_table(INTERNLM2_5["InternLM2.5-1.8B"], 8, cache_max_entry_count=0.4)
+    assert table.index.tolist() == [0, 8, 4]
+    tokens = table["KV tokens"]
+    assert abs(tokens[8] / tokens[0] - 2) < 0.01 and abs(tokens[4] / tokens[8] - 2) < 0.01
+    assert table.loc[8, "bytes per K/V value"] == 1 and "int4" in table.loc[4, "KV cache"]

@@ -51,3 +51,30 @@ def test_shape_from_config_dict():
 def test_unknown_precision_is_a_clear_error():
     with pytest.raises(CourseError, match="fp16"):
         weight_memory(S7, "fp8")
+
+
+def test_weight_plot_uses_one_unit_and_keeps_every_label_inside_the_figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from course_utils.memory import GPU_BUDGETS_GB, plot_weight_memory
+
+    fig = plot_weight_memory()
+    fig.canvas.draw()
+    renderer, ax = fig.canvas.get_renderer(), fig.axes[0]
+    texts = [t for t in ax.texts if t.get_text()]
+    budget_labels = [t.get_text() for t in texts if ":" in t.get_text()]
+    # one label per budget size, each naming the size in GiB, like the axis
+    assert sorted(int(t.split()[0]) for t in budget_labels) == sorted(set(GPU_BUDGETS_GB.values()))
+    words = [t.get_text() for t in texts] + [ax.get_ylabel(), ax.get_title()]
+    assert all("GiB" in t for t in budget_labels) and "GiB" in ax.get_ylabel()
+    assert not any("GB" in w.replace("GiB", "") for w in words), words
+    for t in texts:  # nothing cut off at the figure's edge (the old "8 GB" label showed as "3 GB")
+        box = t.get_window_extent(renderer)
+        assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and fig.bbox.y0 <= box.y0 and box.y1 <= fig.bbox.y1, t
+    for t in texts:
+        if ":" in t.get_text():  # budget labels sit right of the plot, where no bar can cover them
+            assert t.get_window_extent(renderer).x0 >= ax.bbox.x1
+    plt.close(fig)

@@ -551,3 +551,103 @@ def test_rag_session_follows_the_chat_protocol(chat, fixture_store):
     widget = ChatWidget(session)
     answer = widget.submit("Which port does the Beta server listen on?")
     assert "`beta.md`" in answer and len(session.history) == 2
+
+
+# ---------------------------------------------------------------- the prompt template
+
+def test_check_template_names_what_is_missing():
+    assert rag.check_template(rag.RAG_TEMPLATE) == rag.RAG_TEMPLATE
+    with pytest.raises(CourseError, match=r"no \{context\}"):
+        rag.check_template("Answer the question: {question}")  # the model would answer from memory
+    with pytest.raises(CourseError, match=r"no \{question\}"):
+        rag.check_template("Context: {context}")
+    with pytest.raises(CourseError, match=r"\{source\}, which the chain cannot fill"):
+        rag.check_template("{context} {question} {source}")
+    with pytest.raises(CourseError, match="literal brace"):
+        rag.check_template("{context} {question} {")
+
+
+@pytest.mark.slow
+def test_chain_fills_the_given_template_through_a_langchain_llm(chat, fixture_store):
+    """A LangChain LLM subclass (the lesson's InternLM_LLM pattern) gets the filled-in template as its prompt."""
+    from typing import Any
+
+    from langchain_core.language_models.llms import LLM
+
+    prompts = []
+
+    class RecordingLLM(LLM):
+        session: Any
+
+        def _call(self, prompt, stop=None, run_manager=None, **kwargs):
+            prompts.append(prompt)
+            return self.session.complete([{"role": "user", "content": prompt}])
+
+        @property
+        def _llm_type(self):
+            return "recording"
+
+    template = "Notes:\n{context}\n\nQ: {question}\nA:"
+    chain = rag.make_rag_chain(RecordingLLM(session=chat), fixture_store, k=2, template=template)
+    result = chain.invoke("Which port does the Beta server listen on?")
+    [prompt] = prompts
+    assert prompt.startswith("Notes:\n") and "4242" in prompt
+    assert prompt.endswith("Q: Which port does the Beta server listen on?\nA:")
+    assert result["answer"] and result["sources"][0]["path"] == "beta.md"
+    with pytest.raises(CourseError, match=r"no \{context\}"):
+        rag.make_rag_chain(chat, fixture_store, template="Q: {question}")
+
+
+# ---------------------------------------------------------------- homework L3.own: your own material
+
+OWN_QA = QA + [
+    {"question": "What does Alpha drop from a dataset?", "source": "alpha.md"},
+    {"question": "Which Python version does Alpha need?", "source": "alpha.md"},
+    {"question": "How do I check that alpha is on my PATH?", "source": "alpha.md"},
+    {"question": "What does the Beta health endpoint return?", "source": "beta.md"},
+    {"question": "What do I do when port 4242 is taken?", "source": "beta.md"},
+    {"question": "How many weights share one scale in gamma?", "source": "notes/gamma.txt"},
+    {"question": "Why is the gamma quantizer not for production?", "source": "notes/gamma.txt"},
+]
+
+
+@pytest.fixture
+def own_answer(kb, tmp_path):
+    """An honest L3.own answer over the fixture folder: hit@2 and MRR as evaluate_retrieval reports them."""
+    store, _ = rag.build_vectorstore(kb, tmp_path / "own_store", config=SMALL, progress=False)
+    report = rag.evaluate_retrieval(store, OWN_QA, k=2)
+    return {"folder": kb, "questions": list(OWN_QA), "k": 2, "config": SMALL,
+            "hit@k": round(report.hit_rate, 3), "mrr": round(report.mrr, 3)}
+
+
+def test_own_material_check_recomputes_hit_and_mrr(own_answer, tmp_path):
+    from course_utils import homework
+
+    result = homework.run_check("L3.own", own_answer)
+    assert result.passed, result.detail
+    assert f"recomputed on {len(OWN_QA)} questions" in result.detail
+    # The same questions as a JSONL file.
+    path = tmp_path / "own.jsonl"
+    path.write_text("".join(json.dumps(q) + "\n" for q in OWN_QA), encoding="utf-8")
+    assert homework.run_check("L3.own", {**own_answer, "questions": path}).passed
+    # A number that is not what the files give: rejected with both values.
+    wrong = homework.run_check("L3.own", {**own_answer, "mrr": own_answer["mrr"] - 0.1})
+    assert not wrong.passed and "rebuilding the store from your files gives" in wrong.detail
+    # Labels changed after the numbers were measured: the check evaluates the labels it is given.
+    relabelled = [{**q, "source": "alpha.md"} if q["source"] == "beta.md" else q for q in OWN_QA]
+    stale = homework.run_check("L3.own", {**own_answer, "questions": relabelled})
+    assert not stale.passed and "rebuilding the store from your files gives" in stale.detail
+
+
+def test_own_material_check_refuses_too_few_questions_and_unknown_sources(own_answer):
+    from course_utils import homework
+
+    few = homework.run_check("L3.own", {**own_answer, "questions": OWN_QA[:9]})
+    assert not few.passed and "9 distinct questions; write at least 10" in few.detail
+    repeated = homework.run_check("L3.own", {**own_answer, "questions": OWN_QA[:9] + [dict(OWN_QA[0])]})
+    assert not repeated.passed and "9 distinct questions" in repeated.detail
+    elsewhere = OWN_QA[:-1] + [{"question": "What is in the appendix?", "source": "appendix.md"}]
+    unknown = homework.run_check("L3.own", {**own_answer, "questions": elsewhere})
+    assert not unknown.passed and "'appendix.md'" in unknown.detail
+    course = homework.run_check("L3.own", {**own_answer, "folder": DATA_DIR / "knowledge_base" / "en"})
+    assert not course.passed and "the course's knowledge base" in course.detail

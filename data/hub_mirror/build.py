@@ -3,6 +3,13 @@
 Run from the repo root: `python data/hub_mirror/build.py`. Only the small JSON files the
 homework needs are written (no weights): config.json and model.safetensors.index.json, whose
 byte total is what the 2 bf16 shards of the published checkpoint add up to.
+
+Not written here: ``internlm/internlm-20b/config.json`` is a verbatim copy of the file published on the
+Hugging Face hub (the version ``hf_hub_download`` returned to the bootcamp's homework in early 2024, with
+``"rotary": {"base": 10000, "type": "dynamic"}``). Its shape gives 20,088,714,240 parameters, which in bf16
+are exactly the 40,177,428,480 bytes of the hub's ``pytorch_model.bin.index.json`` (tests/test_hub.py).
+The mirror also answers ModelScope's download URL, mapping ``Shanghai_AI_Laboratory/<name>`` to
+``internlm/<name>`` (``hub.MODELSCOPE_ORGS``).
 """
 
 import json

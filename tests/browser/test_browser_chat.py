@@ -160,6 +160,67 @@ def test_send_streams_reply(chat, screenshots, docs_images):
     copy_to_docs(path, docs_images, f"{chat.lesson.slug}.png")
 
 
+# Geometry of the conversation as the page lays it out (the order a reader sees, not the DOM's).
+_LAYOUT_JS = """
+const log = root.querySelector('.course-chat-log');
+const box = log.parentElement;  // the scrolling box around the log
+const rect = e => { const r = e.getBoundingClientRect(); return {top: r.top, bottom: r.bottom}; };
+const kids = [...log.children].filter(e => /course-chat-(user|assistant)/.test(e.className));
+const label = name => { const l = root.querySelector('.course-chat-' + name + ' .widget-label');
+  return {text: l.innerText.trim(), clipped: l.scrollWidth > l.clientWidth}; };
+const css = getComputedStyle(box);  // in the failure message: why the box does or does not scroll
+return {box: rect(box), labels: [label('temperature'), label('max-tokens')],
+        scroll: {overflow: css.overflowY, flow: css.flexDirection, maxHeight: css.maxHeight,
+                 top: box.scrollTop, height: box.scrollHeight, client: box.clientHeight},
+        bubbles: kids.map(e => ({who: e.className.includes('course-chat-user') ? 'user' : 'assistant',
+                                 text: e.innerText, ...rect(e)}))};
+"""
+
+
+def _scroll_box(chat: Chat, js_value: str) -> None:
+    """Set the conversation box's scrollTop (a JS expression of ``box``) and let it paint."""
+    chat.ui._eval(f"const box = root.querySelector('.course-chat-log').parentElement; "
+                  f"box.scrollTop = {js_value};")
+    time.sleep(0.3)
+
+
+def test_transcript_reads_oldest_first_with_each_question_above_its_reply(chat):
+    if len(chat.ui.bubble_texts("user")) < 2:  # run on its own: make a two-exchange conversation
+        chat.ui.set_max_tokens(48)
+        for question in (chat.lesson.question, FOLLOW_UP)[len(chat.ui.bubble_texts("user")):]:
+            _ask_and_wait(chat, question)
+    history = chat.state()["history"]
+    questions = [m["content"] for m in history if m["role"] == "user"]
+    _scroll_box(chat, "-box.scrollHeight")  # the top: the oldest message (clamped either way)
+    layout = chat.ui._eval(_LAYOUT_JS)
+    bubbles = layout["bubbles"]
+    # Reading order top to bottom = the session's order: question 1, reply 1, question 2, reply 2...
+    assert [b["who"] for b in bubbles] == ["user", "assistant"] * len(questions), bubbles
+    assert all(a["top"] < b["top"] for a, b in zip(bubbles, bubbles[1:])), bubbles
+    assert [q in b["text"] for q, b in zip(questions, bubbles[::2])] == [True] * len(questions)
+    # The labels show whole ("temperature", not "temperat...").
+    assert layout["labels"] == [{"text": "temperature", "clipped": False},
+                                {"text": "max tokens", "clipped": False}], layout["labels"]
+
+    # A box shorter than the newest exchange (a small window, or a long reply): scrolled to the newest
+    # message, the question that produced it is still whole in view, above the reply's last lines.
+    question, reply = bubbles[-2], bubbles[-1]
+    short = int(0.75 * (reply["bottom"] - question["top"]))
+    chat.ui._eval(f"root.querySelector('.course-chat-log').parentElement.style.maxHeight = '{short}px';")
+    try:
+        _scroll_box(chat, "box.scrollHeight")  # the bottom, where new text arrives
+        layout = chat.ui._eval(_LAYOUT_JS)
+        box, question, reply = layout["box"], layout["bubbles"][-2], layout["bubbles"][-1]
+        why = (layout["scroll"], box, question["top"], question["bottom"], reply["top"], reply["bottom"])
+        assert box["bottom"] - box["top"] <= short + 10, why  # the exchange no longer fits
+        assert questions[-1] in question["text"]
+        assert box["top"] - 1 <= question["top"] and question["bottom"] <= box["bottom"] + 1, why
+        assert question["bottom"] < reply["bottom"] <= box["bottom"] + 1, why
+    finally:
+        chat.ui._eval("root.querySelector('.course-chat-log').parentElement.style.maxHeight = '';")
+        _scroll_box(chat, "box.scrollHeight")
+
+
 def test_stop_ends_generation_and_accepts_new_question(chat, screenshots):
     chat.ui.set_max_tokens(1024)
     before = chat.ui.ask(LONG_QUESTION)

@@ -4,15 +4,30 @@ Each ``# %% task:<id>`` section replaces the notebook cell tagged ``task:<id>`` 
 """
 
 # %% task:L1.env
-from course_utils.env import detect, profile
-from course_utils.models import default_name
+import json
+import os
+import platform
+
+from course_utils.env import profile
+from course_utils.memory import ModelShape
+from course_utils.models import default_name, resolve
 
 
 def environment_report() -> dict:
-    """Facts about this kernel: python, torch, cuda, gpu, profile, chat_model."""
-    facts = detect()
-    return {"python": facts.python, "torch": facts.torch, "cuda": facts.cuda, "gpu": facts.gpu_name,
-            "profile": profile(), "chat_model": default_name("chat")}
+    """Facts read from this machine: python, torch, cuda, gpu, memory_gib, profile, chat_model, chat_model_params."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        props = torch.cuda.get_device_properties(0)
+        gpu, memory = props.name, props.total_memory / 2**30
+    else:
+        gpu, memory = None, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    name = default_name("chat")
+    config = json.loads((resolve(name) / "config.json").read_text(encoding="utf-8"))
+    return {"python": platform.python_version(), "torch": torch.__version__, "cuda": cuda, "gpu": gpu,
+            "memory_gib": round(memory, 1), "profile": profile(), "chat_model": name,
+            "chat_model_params": ModelShape.from_config(config).params()}
 
 
 report = homework.attempt(environment_report)
@@ -37,7 +52,7 @@ from course_utils.memory import GIB, kv_bytes_per_token, weight_memory
 
 
 def longest_context() -> int:
-    """The most tokens InternLM2.5-7B (int4 weights, fp16 KV, batch 1) can hold in 8 GB."""
+    """The most tokens InternLM2.5-7B (int4 weights, fp16 KV, batch 1) can hold in the 8 GiB slice."""
     shape = INTERNLM2_5["InternLM2.5-7B"]
     free = (8 - 1) * GIB - weight_memory(shape, "int4")  # bytes left for the KV cache
     return int(free // kv_bytes_per_token(shape, "fp16"))

@@ -24,22 +24,21 @@ import json
 from course_utils import hub
 from course_utils.paths import outputs_dir
 
-REPO = "internlm/internlm2-chat-1_8b"
+REPO = "internlm/internlm-20b"
 
 
 def download_and_count() -> dict:
-    """Download the two JSON files of REPO; return their paths, the layer count and the parameter count."""
+    """Download REPO's config.json; return its path, the layer count and the parameter count."""
     mirror = hub.serve_mirror() if profile() == "tiny" else None  # the classroom mirror, offline
     endpoint = mirror.endpoint if mirror else None
-    cache = outputs_dir() / "homework" / "hub"
     try:
-        config_path = hub.download(REPO, "config.json", endpoint=endpoint, cache_dir=cache)
-        index_path = hub.download(REPO, "model.safetensors.index.json", endpoint=endpoint, cache_dir=cache)
+        config_path = hub.download(REPO, "config.json", endpoint=endpoint,
+                                   cache_dir=outputs_dir() / "homework" / "hub")
     finally:
         if mirror:
             mirror.stop()
     config = json.loads(config_path.read_text())
-    return {"config": config_path, "index": index_path, "layers": config["num_hidden_layers"],
+    return {"config": config_path, "layers": config["num_hidden_layers"],
             "parameters": hub.count_parameters(config)}
 
 

@@ -8,6 +8,7 @@ import inspect
 import json
 import re
 import shlex
+from pathlib import Path
 
 import pytest
 import torch
@@ -72,6 +73,51 @@ def test_auto_awq_command_means_the_job():
 
     # The data set name must be one LMDeploy's calibrate() accepts (its assert runs before any work).
     assert f"'{args.calib_dataset}'" in inspect.getsource(calibrate.calibrate).split("assert calib_dataset in")[1][:80]
+
+
+def test_chat_command_means_the_engine_settings():
+    args = parse(ll.chat_cli("/share/m", quant_policy=8, cache_max_entry_count=0.4, model_format="awq", tp=2,
+                             session_len=4096))
+    assert args.run.__qualname__ == "CLI.chat"
+    assert (args.model_path, args.backend, args.quant_policy, args.cache_max_entry_count) == ("/share/m", "turbomind", 8, 0.4)
+    assert (args.model_format, args.tp, args.session_len) == ("awq", 2, 4096)
+    default = parse(ll.chat_cli("/share/m", backend="pytorch"))
+    assert (default.backend, default.quant_policy, default.cache_max_entry_count, default.tp) == ("pytorch", 0, 0.8, 1)
+
+
+def test_quant_policies_are_the_ones_lmdeploy_takes():
+    for policy in ll.QUANT_POLICIES:  # the lesson's table: every value it explains is accepted ...
+        assert parse(ll.chat_cli("/share/m", quant_policy=policy)).quant_policy == policy
+    with pytest.raises(SystemExit):  # ... and LMDeploy takes no other
+        parse(["lmdeploy", "chat", "/share/m", "--quant-policy", "2"])
+    assert ll.quant_policy_table(ll_shape()).index.tolist() == [0, 8, 4]
+
+
+def ll_shape():
+    from course_utils.memory import INTERNLM2_5
+
+    return INTERNLM2_5["InternLM2.5-1.8B"]
+
+
+def test_what_the_lesson_says_about_lmdeploy_0_10_holds():
+    import importlib.util
+
+    import lmdeploy.cli.chat
+
+    # The bootcamp's `lmdeploy convert` and `lmdeploy serve gradio` are gone from the pinned CLI ...
+    for command in ll.REMOVED_COMMANDS:
+        with pytest.raises(SystemExit):
+            parse(shlex.split(command) + ["/share/m"])
+    # ... because TurboMind converts a Hugging Face folder in memory when it starts
+    # (read as text: importing lmdeploy.turbomind.turbomind needs its CUDA library)
+    source = (Path(importlib.util.find_spec("lmdeploy").origin).parent / "turbomind" / "turbomind.py").read_text()
+    from_hf = source.split("def _from_hf(", 1)[1].split("\n    def ", 1)[0]
+    assert "get_tm_model(" in from_hf
+    # and this is the prompt a learner sees in `lmdeploy chat`
+    assert f"{ll.CHAT_PROMPT}', end=''" in inspect.getsource(lmdeploy.cli.chat)
+    # and what `lmdeploy serve api_server` prints before uvicorn's own log
+    api_server = (Path(importlib.util.find_spec("lmdeploy").origin).parent / "serve" / "openai" / "api_server.py").read_text()
+    assert "in a browser for detailed api" in api_server and "uvicorn.run(" in api_server
 
 
 def test_commands_shown_in_the_lessons_parse():

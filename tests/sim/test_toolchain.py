@@ -44,7 +44,7 @@ def test_opencompass_runs_the_exported_config_on_four_questions(chat_dir, tmp_pa
 def test_xtuner_trains_converts_merges_and_chats_from_the_exported_config(chat_dir, tmp_path):
     from peft import PeftModel
 
-    from course_utils.finetune import FinetuneConfig, export_xtuner_config, reply
+    from course_utils.finetune import FinetuneConfig, export_xtuner_config, reply, xtuner_chat_reply
     from course_utils.models import load_model
     from course_utils.sft_data import make_identity_dataset
 
@@ -59,6 +59,7 @@ def test_xtuner_trains_converts_merges_and_chats_from_the_exported_config(chat_d
     last = Path((work / "last_checkpoint").read_text().strip())
     assert last.name == "iter_3.pth" and last.is_file()
     assert "Iter(train) [3/3]" in log and log.count("Sample output") >= 2  # EvaluateChatHook ran
+    assert all(f"Iter(train) [{i}/3]" in log for i in (1, 2))  # a short run logs every iteration's loss
     run([BIN / "xtuner", "convert", "pth_to_hf", config, last, tmp_path / "hf"], cwd=tmp_path)
     adapter = json.loads((tmp_path / "hf" / "adapter_config.json").read_text())
     assert set(adapter["target_modules"]) == {"wqkv", "wo", "w1", "w2", "w3"}  # as the course's all-linear
@@ -75,3 +76,4 @@ def test_xtuner_trains_converts_merges_and_chats_from_the_exported_config(chat_d
                            "--max-new-tokens", "12", "--temperature", "0"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=300, input=f"{question}\n\nEXIT\n\n")  # EXIT, then an empty line
     assert tuned in chat.stdout, chat.stdout[-2000:] + chat.stderr[-2000:]
+    assert xtuner_chat_reply(chat.stdout + chat.stderr).startswith(tuned)  # the lesson's reading of the reply
