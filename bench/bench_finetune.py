@@ -53,7 +53,7 @@ def baseline_run(data_path: Path, work: Path, target: str) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
-    from course_utils.finetune import reply
+    from course_utils.models import reply
     from course_utils.models import resolve
     from course_utils.sft_data import build_examples, collate, load_conversations
 
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--qlora", action="store_true", help="also time QLoRA (NF4) on the CPU")
     args = parser.parse_args(argv)
-    from course_utils.finetune import quiet_libraries
+    from course_utils.compat import quiet_libraries
     from course_utils.paths import outputs_dir
     from course_utils.sft_data import identity_reply, make_identity_dataset
 

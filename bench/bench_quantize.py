@@ -29,6 +29,7 @@ def variant_rows(model, tokenizer, texts, calib, new_tokens: int):
     import torch
 
     from course_utils import quantize as q
+    from course_utils.tradeoffs import measure_variant
 
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
     start = time.perf_counter()
@@ -47,7 +48,7 @@ def variant_rows(model, tokenizer, texts, calib, new_tokens: int):
     plan = [("fp32", model, "fp32"), ("bf16", bf16, "bf16"), ("W4A16-RTN", rtn, "bf16"),
             ("W4A16-AWQ", awq, "bf16"), ("KV int8", bf16, "int8"), ("KV int4", bf16, "int4"),
             ("AWQ + KV int8", awq, "int8")] + [(k, m, "bf16") for k, m in extra.items()]
-    rows = [q.measure_variant(name, m, tokenizer, texts, kv=kind, new_tokens=new_tokens)
+    rows = [measure_variant(name, m, tokenizer, texts, kv=kind, new_tokens=new_tokens)
             for name, m, kind in plan]
     return rows, {"RTN quantize (s)": round(t_rtn, 1),
                   "AWQ quantize, 20 alphas x 512 tokens (s)": round(t_awq, 1)}
@@ -56,17 +57,16 @@ def variant_rows(model, tokenizer, texts, calib, new_tokens: int):
 def serving_rows(max_tokens: int = 32) -> list[dict]:
     """8 requests one at a time and 8 at once, with and without continuous batching."""
     from course_utils import serving
-    from course_utils.quantize import CPU_BATCHING_ARGS, benchmark_concurrency
 
     prompts = [f"Write one sentence about the number {i}." for i in range(8)]
     rows = []
     for cb in (False, True):
-        extra = list(CPU_BATCHING_ARGS) if cb else []
+        extra = list(serving.CPU_BATCHING_ARGS) if cb else []
         with serving.serve("smollm2-135m-instruct", port=serving.free_port(), extra_args=extra) as srv:
             client = serving.client(srv)
             for concurrency in (1, 8):
-                res = benchmark_concurrency(client, srv.model, prompts, concurrency=concurrency,
-                                            max_tokens=max_tokens)
+                res = serving.benchmark_concurrency(client, srv.model, prompts, concurrency=concurrency,
+                                                    max_tokens=max_tokens)
                 rows.append({"continuous batching": cb, "server start (s)": round(srv.started_s, 1), **res})
     return rows
 
@@ -86,6 +86,7 @@ def main(argv=None) -> str:
 
     from course_utils import quantize as q
     from course_utils.models import load_model
+    from course_utils.tradeoffs import tradeoff_table
 
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)
@@ -96,7 +97,7 @@ def main(argv=None) -> str:
     model, tokenizer = load_model("smollm2-135m-instruct")
     texts, calib = q.load_texts("heldout"), q.load_texts("calib")
     rows, timings = variant_rows(model, tokenizer, texts, calib, args.new_tokens)
-    table = q.tradeoff_table(rows)
+    table = tradeoff_table(rows)
     lines += [markdown(table), "", f"Quantization time: {timings}", ""]
     if not args.no_serve:
         serve = pd.DataFrame(serving_rows()).round(2)

@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
     if args.command == "doctor":
-        from .env import doctor
+        from .models import doctor
 
         print(doctor().to_string())
     elif args.command == "prepare":

@@ -61,7 +61,7 @@ def make_llm(server, *, model: str | None = None, api_key: str | None = None,
         repetition_penalty=repetition_penalty, stop_words=["Response:"])  # don't invent tool results
 
 
-def _strip_fences(text: str) -> str:
+def strip_fences(text: str) -> str:
     match = re.search(r"```(?:python|py)?\s*\n(.*?)```", text, re.S)
     return (match.group(1) if match else text).strip().strip('"').strip()
 
@@ -79,7 +79,7 @@ def _tool_class():
             try:
                 return super().parse_inputs(inputs, name)
             except ParseError:
-                return {"command": _strip_fences(str(inputs))}
+                return {"command": strip_fences(str(inputs))}
 
     class CourseSandboxPython(BaseAction):
         """Runs Python code in a sandbox and returns what it prints."""
@@ -107,7 +107,7 @@ def _tool_class():
             """
             from .sandbox import run_python
 
-            result = run_python(_strip_fences(command), timeout=self.timeout,
+            result = run_python(strip_fences(command), timeout=self.timeout,
                                 memory_mb=self.memory_mb, unsandboxed=self.unsandboxed)
             ret = ActionReturn(args={"command": command}, type=self.name)
             if result.ok:

@@ -9,8 +9,6 @@ that does.
 from __future__ import annotations
 
 import functools
-import math
-import numbers
 import re
 import sys
 import threading
@@ -18,22 +16,13 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from .errors import CourseError
+from .errors import CourseError, is_number, is_whole
 
 _ROLES = ("system", "user", "assistant")
 _MIN_PROMPT = 16  # tokens: with less room than this no message fits beside the chat template
 # The names other libraries use for a setting, so an "unknown setting" error can say ours.
 _ALIASES = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens",
             "max_length": "max_new_tokens"}
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
-            and math.isfinite(value))
 
 
 @dataclass
@@ -50,17 +39,17 @@ class Generation:
         # _merge, the widget's sliders) builds a Generation, so this is the one check, and it runs
         # before any generation: transformers would otherwise fail mid-call or, worse, accept
         # nonsense (a negative temperature meant greedy, top_p=5 no cut at all).
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+        if not is_whole(self.max_new_tokens) or self.max_new_tokens < 1:
             raise CourseError(f"max_new_tokens={self.max_new_tokens!r:.40}: use a whole number of "
                               "tokens to generate, 1 or more (e.g. max_new_tokens=256).")
         # 2 is what OpenAI-compatible servers (LMDeploy) accept; the same session code runs on both.
-        if not _is_number(self.temperature) or not 0 <= self.temperature <= 2:
+        if not is_number(self.temperature) or not 0 <= self.temperature <= 2:
             raise CourseError(f"temperature={self.temperature!r:.40}: use a number from 0 to 2 (0 = "
                               "greedy, the same reply every time; about 0.7 for varied replies).")
-        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+        if not is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise CourseError(f"top_p={self.top_p!r:.40}: use a number above 0 and at most 1 (1 = no "
                               "cut; 0.8 samples only from the likeliest tokens that make up 80%).")
-        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
+        if not is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
             raise CourseError(f"repetition_penalty={self.repetition_penalty!r:.40}: use a number above "
                               "0 (1.0 = no penalty; 1.1 keeps small models from looping).")
         # Plain Python numbers: numpy's int64/float32 (a notebook's sweep) break the JSON request.
@@ -102,7 +91,7 @@ def _check_budget(context_tokens: int, gen: Generation) -> None:
 def _check_context_tokens(value, limit: int | None = None) -> None:
     if value is None:
         return
-    if not _is_int(value) or value < 1:
+    if not is_whole(value) or value < 1:
         raise CourseError(f"context_tokens={value!r}: use a whole number of tokens the model sees at "
                           "once (prompt + reply), e.g. 2048, or None for the default.")
     if limit and value > limit:
@@ -526,9 +515,9 @@ def write_story(session, topic: str, min_words: int = 300, *, language: str = "a
     if not isinstance(topic, str) or not topic.strip():
         raise CourseError(f"topic={topic!r:.60}: say what the story is about, e.g. "
                           "write_story(chat, 'a brave robot').")
-    if not _is_int(min_words) or min_words < 1:
+    if not is_whole(min_words) or min_words < 1:
         raise CourseError(f"min_words={min_words!r:.40}: use a whole number above 0, e.g. 300.")
-    if not _is_int(max_rounds) or max_rounds < 1:
+    if not is_whole(max_rounds) or max_rounds < 1:
         raise CourseError(f"max_rounds={max_rounds!r:.40}: use a whole number, 1 or more (each "
                           "round is one model call).")
     _check_language(language)

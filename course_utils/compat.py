@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
+import warnings
 from pathlib import Path
 
 from .errors import CourseError
@@ -208,3 +210,16 @@ def cache_layer_tensors(cache) -> list[list]:
     lists = [getattr(cache, n, []) for n in names]
     return [[per_layer[i] if i < len(per_layer) else None for per_layer in lists]
             for i in range(max(len(x) for x in lists))]
+
+
+def quiet_libraries() -> None:
+    """Silence library chatter that is not about the learner's run (kept out of stored outputs)."""
+    # bitsandbytes warns on import that an optional faster CPU kernel package is missing.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # peft 0.21 reads a transformers property that 5.x deprecates; nothing for the learner to do.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
+                            category=FutureWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()

@@ -1,11 +1,11 @@
-"""What machine this is, which profile the course runs in, and a doctor table."""
+"""What machine this is, which profile the course runs in, and which of the pinned envs this Python is."""
 
 from __future__ import annotations
 
 import os
 import platform
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CourseError
@@ -89,7 +89,7 @@ def profile() -> str:
     return chosen
 
 
-def _version(dist: str) -> str:
+def package_version(dist: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -122,27 +122,10 @@ def which_env() -> str:
 
     name = os.environ.get("CONDA_DEFAULT_ENV") if "conda" in sys.prefix else None
     name = name or Path(sys.prefix).name
-    have = {k: _version(k).split("+")[0] for k in LOCK_KEYS}  # "2.5.1+cu124" -> "2.5.1"
+    have = {k: package_version(k).split("+")[0] for k in LOCK_KEYS}  # "2.5.1+cu124" -> "2.5.1"
     for label, lock in LOCKS.items():
         pins = read_pins(REPO_ROOT / lock) if (REPO_ROOT / lock).is_file() else {}
         if all(pins.get(k) == v for k, v in have.items()):
             return f"{label} ({lock}), env {name}"
     return (f"not a course lock (transformers {have['transformers']}), env {name}: run `make setup` "
             "(CPU) or `conda env create -f environment.yml` (InternStudio)")
-
-
-def doctor():
-    """A table of versions, devices, the env, the profile and where each model is found."""
-    import pandas as pd
-
-    from .models import REGISTRY, locate
-
-    facts = detect()
-    rows = [(k.replace("_", " "), "-" if v is None else str(v)) for k, v in asdict(facts).items()]
-    rows += [("env", which_env()), ("profile", profile())]
-    rows += [(pkg, _version(pkg)) for pkg in KEY_PACKAGES]
-    for name in REGISTRY:
-        place, folder = locate(name)
-        # Share folders are the platform's, the same for every learner; other places stay unnamed.
-        rows.append((f"model: {name}", f"share: {folder}" if place == "share" else place))
-    return pd.DataFrame(rows, columns=["item", "value"]).set_index("item")

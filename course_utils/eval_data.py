@@ -2,8 +2,8 @@
 
 A dataset is a folder under ``data/eval/`` holding C-Eval-style JSONL splits (``dev`` for few-shot
 examples, ``val`` to score) and a ``meta.json`` with its language, subject names and reader config;
-or a single JSONL file with the same columns. ``course_utils.evaluate`` runs models on them; the
-summary tables and ``export_opencompass_config`` here need no model.
+or a single JSONL file with the same columns. Nothing here needs a model: ``course_utils.evaluate`` runs
+models on these sets, re-exports this module, and writes the real OpenCompass config.
 """
 
 from __future__ import annotations
@@ -11,14 +11,19 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-import numbers
 import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import CourseError
+from .errors import CourseError, is_whole
 from .paths import DATA_DIR, REPO_ROOT
+
+__all__ = [  # the public API, re-exported by course_utils.evaluate (tests/test_lesson_modules.py keeps them equal)
+    "ANSWER_CUE", "ASK_LETTER", "EVAL_DIR", "HEADERS", "OPTIONS", "PREDICTION_KEYS", "PROMPT_VERSION", "READER_KEYS",
+    "EvalDataset", "ReaderConfig", "answer_text", "build_messages", "check_shots", "disagreements", "extract_choice",
+    "format_question", "list_datasets", "load_dataset", "load_predictions", "locate_dataset", "parse_range",
+    "plot_comparison", "prompt_version", "read_predictions", "render_plain", "summarize", "summary_table"]
 
 OPTIONS = ("A", "B", "C", "D")
 EVAL_DIR = DATA_DIR / "eval"
@@ -79,21 +84,17 @@ def list_datasets() -> list[str]:
     return sorted(p.name for p in EVAL_DIR.iterdir() if (p / "meta.json").is_file())
 
 
-def _whole(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def parse_range(test_range, n: int) -> slice:
     """A slice from OpenCompass's ``test_range`` string ("[0:20]", "[:10]", "[5:]"), a slice or an int."""
     if test_range is None:
         return slice(None)
     if isinstance(test_range, slice):
         parts = (test_range.start, test_range.stop, test_range.step)
-        if test_range.step == 0 or not all(x is None or _whole(x) for x in parts):
+        if test_range.step == 0 or not all(x is None or is_whole(x) for x in parts):
             raise CourseError(f"test_range={test_range!r} is not a usable slice: start, stop and step must be "
                               "whole numbers (a step of 1 or more), e.g. slice(0, 20).")
         return test_range
-    if _whole(test_range):
+    if is_whole(test_range):
         if test_range < 0:
             raise CourseError(f"test_range={test_range}: a number means the first n questions, so it cannot be "
                               f"negative. Use {-test_range} for the first {-test_range}, or "
@@ -180,7 +181,7 @@ def _check_record(record, reader: ReaderConfig, where: str) -> dict:
                           'Write a string such as "reasoning", or leave the field out.')
     record = {**record, reader.output_column: answer, "category": category}
     if "id" in record:
-        if not (_whole(record["id"]) or isinstance(record["id"], str) and record["id"].strip()):
+        if not (is_whole(record["id"]) or isinstance(record["id"], str) and record["id"].strip()):
             raise CourseError(f"{where}: field 'id' is {_snippet(record['id'])}, not an id. Write a unique "
                               'string such as "my-set-000", or leave the field out (ids are then numbered).')
         record["id"] = str(record["id"])  # so 7 and "7" are one id, as they are in a predictions table
@@ -236,7 +237,7 @@ def _read_meta(folder: Path) -> dict:
     return meta
 
 
-def _locate(dataset: str | Path) -> tuple[Path, dict]:
+def locate_dataset(dataset: str | Path) -> tuple[Path, dict]:
     """(test file, meta) for a dataset name under data/eval/, a dataset folder or a JSONL file."""
     if not isinstance(dataset, (str, os.PathLike)) or not str(dataset).strip():
         raise CourseError(f"dataset={dataset!r}: pass a dataset name ({', '.join(list_datasets())}), a dataset "
@@ -273,7 +274,7 @@ def load_dataset(dataset: str | Path, *, test_range=None) -> EvalDataset:
                               f"({dataset.name}). Pass load_dataset({dataset.name!r}, test_range=...) or "
                               "the dataset's name instead.")
         return dataset
-    test_file, meta = _locate(dataset)
+    test_file, meta = locate_dataset(dataset)
     reader = ReaderConfig(**{**meta.get("reader_cfg", {}), "test_range": test_range})
     records = _read_jsonl(test_file, reader)
     for i, record in enumerate(records):  # predictions are keyed by id; plain JSONL files may have none
@@ -300,7 +301,7 @@ def load_dataset(dataset: str | Path, *, test_range=None) -> EvalDataset:
 def check_shots(shots, dataset: EvalDataset) -> int:
     """``shots`` as an int, if the dev split has that many examples (0 always works)."""
     n, dev_file = len(dataset.dev), _shown(dataset.path.with_name(f"{dataset.reader.train_split}.jsonl"))
-    if not _whole(shots):
+    if not is_whole(shots):
         raise CourseError(f"shots={shots!r}: give a whole number of few-shot examples, 0 to {n}.")
     if shots > 0 and n == 0:
         raise CourseError(f"shots={shots} needs few-shot examples, but {dataset.name} has no dev split "
@@ -402,163 +403,6 @@ def extract_choice(text: str, record: dict | None = None) -> str | None:
     return None
 
 
-# ---- the real OpenCompass config -----------------------------------------------------------------
-# Registry names that OpenCompass ships a model config for (opencompass.configs.models.hf_internlm.*).
-OC_MODEL_CONFIGS = {
-    "internlm2_5-1_8b-chat": "hf_internlm2_5_1_8b_chat",
-    "internlm2_5-7b-chat": "hf_internlm2_5_7b_chat",
-    "internlm2-chat-1_8b": "hf_internlm2_chat_1_8b",
-    "internlm3-8b-instruct": "hf_internlm3_8b_instruct",
-}
-OC_BENCHMARKS = ("ceval", "cmmlu", "mmlu")  # each has <name>_gen / <name>_ppl configs exporting <name>_datasets
-INTERNSTUDIO_ROOT = "/share/new_models"
-CONFIG_HEADER = '''\
-# OpenCompass config written by course_utils.evaluate.export_opencompass_config.
-# Run it from the course folder, in the InternStudio env (OpenCompass {version} is in requirements/gpu.txt):
-#   {command}
-# --debug runs the tasks one after another and prints their logs; results land in work_dir, and
-# OpenCompass keeps scratch files in ./tmp. Built-in benchmarks (ceval, cmmlu, mmlu) read ./data:
-#   cp /share/temp/datasets/OpenCompassData-core-20231110.zip . && unzip OpenCompassData-core-20231110.zip
-# Course datasets are read from data_root ({data_root}), relative to where you run it.
-'''
-
-
-def _py(value) -> str:
-    """Python source for a config value; ``type`` entries name classes, not strings."""
-    if isinstance(value, dict):
-        items = ", ".join(f"{k}={v if k == 'type' else _py(v)}" for k, v in value.items())
-        return f"dict({items})"
-    return repr(value)
-
-
-def _oc_path(name: str) -> str:
-    """Where OpenCompass should load a registry model: the share copy found here, else /share's path."""
-    from .models import REGISTRY, locate
-
-    place, folder = locate(name)
-    return str(folder) if place == "share" else f"{INTERNSTUDIO_ROOT}/{REGISTRY[name].share_path}"
-
-
-def _oc_model(model, index: int, mode: str, served_model: str, num_gpus: int) -> tuple[str | None, str]:
-    """(read_base import line or None, Python expression for a list of model dicts)."""
-    from .models import REGISTRY, locate
-
-    name = str(model)
-    # OpenCompass's HF classes read AutoConfig without trust_remote_code and then fall back to fp16
-    # (after a 15 s prompt); an explicit dtype skips that. fp32 on a CPU, bf16 on a GPU.
-    run = {"model_kwargs": {"torch_dtype": "bfloat16" if num_gpus else "float32"},
-           "run_cfg": {"num_gpus": num_gpus}}
-    if name.startswith(("http://", "https://")):
-        if mode == "ppl":
-            raise CourseError("An endpoint can only be evaluated in gen mode: OpenCompass's API models "
-                              "have no ppl (BaseAPIModel.get_ppl raises NotImplementedError). Use "
-                              "mode='gen', or pass the model folder for ppl.")
-        spec = {"type": "OpenAISDK", "abbr": f"api-{served_model}", "path": served_model, "key": "EMPTY",
-                "openai_api_base": name if name.rstrip("/").endswith("/v1") else name.rstrip("/") + "/v1",
-                "meta_template": {"round": [{"role": "HUMAN", "api_role": "HUMAN"},
-                                            {"role": "BOT", "api_role": "BOT", "generate": True}]},
-                "max_out_len": 256, "batch_size": 8, "temperature": 0.0}
-        tokenizer = locate(served_model)[1] if served_model in REGISTRY else None
-        if tokenizer is not None:
-            spec["tokenizer_path"] = str(tokenizer)  # else tiktoken downloads gpt-4's
-        return None, f"[{_py(spec)}]"
-    if name in OC_MODEL_CONFIGS and mode == "gen":  # OpenCompass's own chat config, pointed at /share
-        var = f"{OC_MODEL_CONFIGS[name]}_model"
-        line = f"from opencompass.configs.models.hf_internlm.{OC_MODEL_CONFIGS[name]} import models as {var}"
-        settings = ", ".join(f"{k}={_py(v)}" for k, v in {"path": _oc_path(name), **run}.items())
-        return line, f"[dict(m, {settings}) for m in {var}]"
-    # ppl scores each option with the plain model: only HuggingFaceBaseModel has get_ppl.
-    if name in OC_MODEL_CONFIGS:
-        path = _oc_path(name)
-    elif name in REGISTRY:  # the copy this machine already has (offline), else the hub id
-        path = str(locate(name)[1] or REGISTRY[name].hf_id)
-    else:
-        path = name
-    spec = {"type": "HuggingFaceBaseModel" if mode == "ppl" else "HuggingFacewithChatTemplate",
-            "abbr": name if name in REGISTRY else Path(name).name or f"model{index}", "path": path,
-            "max_out_len": 256, "batch_size": 8, **run}
-    return None, f"[{_py(spec)}]"
-
-
-def _oc_dataset(dataset: str, mode: str, test_range, data_root: str) -> tuple[str | None, str]:
-    """(read_base import line or None, Python expression for a list of dataset dicts)."""
-    if dataset in OC_BENCHMARKS:
-        line = f"from opencompass.configs.datasets.{dataset}.{dataset}_{mode} import {dataset}_datasets"
-        return line, f"{dataset}_datasets"
-    test_file, meta = _locate(dataset)
-    split = meta.get("reader_cfg", {}).get("test_split", "val")
-    name = meta.get("abbr", test_file.stem)
-    # OpenCompass's custom-dataset format: C-Eval columns are read as multiple choice (data_type mcq).
-    spec = {"abbr": name, "path": f"{data_root}/{name}/{split}.jsonl" if name in list_datasets() else str(test_file),
-            "data_type": "mcq", "infer_method": mode}
-    if test_range is not None:
-        spec["test_range"] = test_range
-    return None, f"[{_py(spec)}]"
-
-
-def _default_gpus() -> int:
-    import torch
-
-    return 1 if torch.cuda.is_available() else 0
-
-
-def export_opencompass_config(models, datasets, path, *, mode: str = "gen", test_range: str | None = None,
-                              work_dir: str = "./outputs/course_eval", data_root: str = "data/eval",
-                              served_model: str = "internlm2_5-1_8b-chat", num_gpus: int | None = None) -> str:
-    """Write a real OpenCompass config evaluating ``models`` on ``datasets``; returns the command to run it.
-
-    ``models``: registry names (InternLM ones import OpenCompass's own configs in gen mode, pointed
-    at the InternStudio copies), folders (``HuggingFacewithChatTemplate``; ``HuggingFaceBaseModel``
-    for ppl) or endpoint URLs (``OpenAISDK``, gen only). ``datasets``: "ceval", "cmmlu", "mmlu"
-    (``<name>_gen``/``<name>_ppl`` configs) or course sets from ``data/eval/`` (custom mcq datasets).
-    ``test_range`` (e.g. "[0:20]") goes into every reader_cfg. ``num_gpus`` per model: 1 on a CUDA
-    machine, 0 (the CPU) otherwise.
-    """
-    if mode not in ("gen", "ppl"):
-        raise CourseError(f"mode={mode!r}: OpenCompass configs exist for 'gen' and 'ppl'.")
-    if isinstance(models, (str, Path)):
-        models = [models]
-    if isinstance(datasets, (str, Path)):
-        datasets = [datasets]
-    if test_range is not None:
-        parse_range(test_range, 0)  # the same syntax check OpenCompass would fail on later
-    num_gpus = _default_gpus() if num_gpus is None else num_gpus
-    path = Path(path)
-    try:  # inside the repo, name the config by its repo-relative path (no home folders in outputs)
-        shown = path.resolve().relative_to(REPO_ROOT)
-    except ValueError:
-        shown = path
-    command = f"opencompass {shown} --debug"
-    imports, model_exprs, data_exprs, ranged = [], [], [], []
-    for i, model in enumerate(models):
-        line, expr = _oc_model(model, i, mode, served_model, num_gpus)
-        imports += [line] if line else []
-        model_exprs.append(expr)
-    for dataset in datasets:
-        line, expr = _oc_dataset(str(dataset), mode, test_range, data_root)
-        imports += [line] if line else []
-        data_exprs.append(expr)
-        ranged += [expr] if line and test_range is not None else []
-    from .env import read_pins
-
-    oc_version = read_pins(REPO_ROOT / "requirements" / "gpu.txt")["opencompass"]
-    lines = [CONFIG_HEADER.format(command=command, version=oc_version, data_root=data_root),
-             "from opencompass.models import HuggingFaceBaseModel, HuggingFacewithChatTemplate, OpenAISDK"]
-    if imports:  # mmengine refuses a read_base() block that imports nothing
-        lines += ["from mmengine.config import read_base", "", "with read_base():",
-                  *(f"    {line}" for line in imports)]
-    lines += ["", f"datasets = [{', '.join(f'*{e}' for e in data_exprs)}]",
-              f"models = [{', '.join(f'*{e}' for e in model_exprs)}]"]
-    if ranged:
-        lines += ["", "# Evaluate a slice of each benchmark (OpenCompass's test_range), as the lesson does.",
-                  f"for _d in [{', '.join(f'*{e}' for e in ranged)}]:",
-                  f"    _d['reader_cfg']['test_range'] = {test_range!r}"]
-    lines += ["", f"work_dir = {work_dir!r}", ""]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return command
-
-
 # ---- results as tables (OpenCompass's summarizer) ------------------------------------------------
 PREDICTION_KEYS = ("id", "prediction")  # what every reader of a predictions file needs
 
@@ -576,7 +420,7 @@ def _prediction_row(raw: bytes, path: Path, lineno: int, required) -> dict:
             why = f"a JSON {_kind(row)}, not an object"
         elif any(k not in row for k in required):
             why = f"no {', '.join(repr(k) for k in required if k not in row)}"
-        elif not (_whole(row["id"]) or isinstance(row["id"], str)):
+        elif not (is_whole(row["id"]) or isinstance(row["id"], str)):
             why = f"its id is {_snippet(row['id'])}"
     if why:
         raise CourseError(f"{_shown(path)} line {lineno} is corrupted ({why}). A stopped run only cuts the "

@@ -4,7 +4,8 @@
 OpenAI-compatible endpoint on a multiple-choice set from ``course_utils.eval_data`` and writes
 ``outputs/eval/<timestamp>/{predictions,results,summary}`` the way OpenCompass lays out its
 ``work_dir``; ``reuse=True`` re-scores stored predictions (and finishes an interrupted run).
-``export_opencompass_config`` writes the real OpenCompass config for the same evaluation.
+``export_opencompass_config`` writes the real OpenCompass config for the same evaluation, from
+``data/eval/opencompass_config.py.tmpl``. The data half, ``course_utils.eval_data``, is re-exported here.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
+from string import Template
 
 from .errors import CourseError
+from .eval_data import *  # noqa: F403  re-exported: a notebook needs one import per lesson
 from .eval_data import (OPTIONS, EvalDataset, answer_text, build_messages, check_shots, extract_choice,
-                        load_dataset, prompt_version, read_predictions, render_plain)
-from .eval_data import (disagreements, export_opencompass_config, list_datasets,  # noqa: F401
-                        load_predictions, plot_comparison, summarize, summary_table)  # (this module's API)
-from .paths import REPO_ROOT, outputs_dir
+                        list_datasets, load_dataset, locate_dataset, parse_range, prompt_version, read_predictions,
+                        render_plain)  # the names this module itself uses, spelled out for the reader
+from .paths import DATA_DIR, REPO_ROOT, outputs_dir
 
 MODES = ("ppl", "gen")
 ROW_KEYS = ("id", "category", "prediction", "gold", "correct", "version")  # what _record_row writes
@@ -581,3 +583,163 @@ def _write_results(result: EvalResult, **config) -> None:
     tmp = result.results_path.with_name(result.results_path.name + ".tmp")
     tmp.write_text(json.dumps(record, ensure_ascii=False, indent=2), encoding="utf-8")
     os.replace(tmp, result.results_path)  # whole or not at all: summarize() reads every results file
+
+
+# ---- the real OpenCompass config -----------------------------------------------------------------
+# Registry names that OpenCompass ships a model config for (opencompass.configs.models.hf_internlm.*).
+OC_MODEL_CONFIGS = {
+    "internlm2_5-1_8b-chat": "hf_internlm2_5_1_8b_chat",
+    "internlm2_5-7b-chat": "hf_internlm2_5_7b_chat",
+    "internlm2-chat-1_8b": "hf_internlm2_chat_1_8b",
+    "internlm3-8b-instruct": "hf_internlm3_8b_instruct",
+}
+OC_BENCHMARKS = ("ceval", "cmmlu", "mmlu")  # each has <name>_gen / <name>_ppl configs exporting <name>_datasets
+INTERNSTUDIO_ROOT = "/share/new_models"
+
+
+def _py(value) -> str:
+    """Python source for a config value; ``type`` entries name classes, not strings."""
+    if isinstance(value, dict):
+        items = ", ".join(f"{k}={v if k == 'type' else _py(v)}" for k, v in value.items())
+        return f"dict({items})"
+    return repr(value)
+
+
+def _oc_path(name: str) -> str:
+    """Where OpenCompass should load a registry model: the share copy found here, else /share's path."""
+    from .models import REGISTRY, locate
+
+    place, folder = locate(name)
+    return str(folder) if place == "share" else f"{INTERNSTUDIO_ROOT}/{REGISTRY[name].share_path}"
+
+
+def _oc_model(model, index: int, mode: str, served_model: str, num_gpus: int) -> tuple[str | None, str]:
+    """(read_base import line or None, Python expression for a list of model dicts)."""
+    from .models import REGISTRY, locate
+
+    name = str(model)
+    # OpenCompass's HF classes read AutoConfig without trust_remote_code and then fall back to fp16
+    # (after a 15 s prompt); an explicit dtype skips that. fp32 on a CPU, bf16 on a GPU.
+    run = {"model_kwargs": {"torch_dtype": "bfloat16" if num_gpus else "float32"},
+           "run_cfg": {"num_gpus": num_gpus}}
+    if name.startswith(("http://", "https://")):
+        if mode == "ppl":
+            raise CourseError("An endpoint can only be evaluated in gen mode: OpenCompass's API models "
+                              "have no ppl (BaseAPIModel.get_ppl raises NotImplementedError). Use "
+                              "mode='gen', or pass the model folder for ppl.")
+        spec = {"type": "OpenAISDK", "abbr": f"api-{served_model}", "path": served_model, "key": "EMPTY",
+                "openai_api_base": name if name.rstrip("/").endswith("/v1") else name.rstrip("/") + "/v1",
+                "meta_template": {"round": [{"role": "HUMAN", "api_role": "HUMAN"},
+                                            {"role": "BOT", "api_role": "BOT", "generate": True}]},
+                "max_out_len": 256, "batch_size": 8, "temperature": 0.0}
+        tokenizer = locate(served_model)[1] if served_model in REGISTRY else None
+        if tokenizer is not None:
+            spec["tokenizer_path"] = str(tokenizer)  # else tiktoken downloads gpt-4's
+        return None, f"[{_py(spec)}]"
+    if name in OC_MODEL_CONFIGS and mode == "gen":  # OpenCompass's own chat config, pointed at /share
+        var = f"{OC_MODEL_CONFIGS[name]}_model"
+        line = f"from opencompass.configs.models.hf_internlm.{OC_MODEL_CONFIGS[name]} import models as {var}"
+        settings = ", ".join(f"{k}={_py(v)}" for k, v in {"path": _oc_path(name), **run}.items())
+        return line, f"[dict(m, {settings}) for m in {var}]"
+    # ppl scores each option with the plain model: only HuggingFaceBaseModel has get_ppl.
+    if name in OC_MODEL_CONFIGS:
+        path = _oc_path(name)
+    elif name in REGISTRY:  # the copy this machine already has (offline), else the hub id
+        path = str(locate(name)[1] or REGISTRY[name].hf_id)
+    else:
+        path = name
+    spec = {"type": "HuggingFaceBaseModel" if mode == "ppl" else "HuggingFacewithChatTemplate",
+            "abbr": name if name in REGISTRY else Path(name).name or f"model{index}", "path": path,
+            "max_out_len": 256, "batch_size": 8, **run}
+    return None, f"[{_py(spec)}]"
+
+
+def _oc_dataset(dataset: str, mode: str, test_range, data_root: str) -> tuple[str | None, str]:
+    """(read_base import line or None, Python expression for a list of dataset dicts)."""
+    if dataset in OC_BENCHMARKS:
+        line = f"from opencompass.configs.datasets.{dataset}.{dataset}_{mode} import {dataset}_datasets"
+        return line, f"{dataset}_datasets"
+    test_file, meta = locate_dataset(dataset)
+    split = meta.get("reader_cfg", {}).get("test_split", "val")
+    name = meta.get("abbr", test_file.stem)
+    # OpenCompass's custom-dataset format: C-Eval columns are read as multiple choice (data_type mcq).
+    spec = {"abbr": name, "path": f"{data_root}/{name}/{split}.jsonl" if name in list_datasets() else str(test_file),
+            "data_type": "mcq", "infer_method": mode}
+    if test_range is not None:
+        spec["test_range"] = test_range
+    return None, f"[{_py(spec)}]"
+
+
+def _default_gpus() -> int:
+    import torch
+
+    return 1 if torch.cuda.is_available() else 0
+
+
+def _splat(exprs: list[str]) -> str:
+    """The items of a list display that concatenates list expressions: ``*a, *b``."""
+    return ", ".join(f"*{e}" for e in exprs)
+
+
+def _read_base_block(imports: list[str]) -> str:
+    """The ``read_base()`` block of OpenCompass's own configs, or nothing: mmengine refuses an empty one."""
+    if not imports:
+        return ""
+    return "from mmengine.config import read_base\n\nwith read_base():\n" + "".join(f"    {i}\n" for i in imports)
+
+
+def _slice_block(benchmarks: list[str], test_range: str | None) -> str:
+    """The loop that sets ``test_range`` on built-in benchmarks (their configs come without one), or nothing."""
+    if not benchmarks:
+        return ""
+    return ("\n# Evaluate a slice of each benchmark (OpenCompass's test_range), as the lesson does.\n"
+            f"for _d in [{_splat(benchmarks)}]:\n    _d['reader_cfg']['test_range'] = {test_range!r}\n")
+
+
+def export_opencompass_config(models, datasets, path, *, mode: str = "gen", test_range: str | None = None,
+                              work_dir: str = "./outputs/course_eval", data_root: str = "data/eval",
+                              served_model: str = "internlm2_5-1_8b-chat", num_gpus: int | None = None) -> str:
+    """Write a real OpenCompass config evaluating ``models`` on ``datasets``; returns the command to run it.
+
+    ``models``: registry names (InternLM ones import OpenCompass's own configs in gen mode, pointed
+    at the InternStudio copies), folders (``HuggingFacewithChatTemplate``; ``HuggingFaceBaseModel``
+    for ppl) or endpoint URLs (``OpenAISDK``, gen only). ``datasets``: "ceval", "cmmlu", "mmlu"
+    (``<name>_gen``/``<name>_ppl`` configs) or course sets from ``data/eval/`` (custom mcq datasets).
+    ``test_range`` (e.g. "[0:20]") goes into every reader_cfg. ``num_gpus`` per model: 1 on a CUDA
+    machine, 0 (the CPU) otherwise.
+    """
+    if mode not in ("gen", "ppl"):
+        raise CourseError(f"mode={mode!r}: OpenCompass configs exist for 'gen' and 'ppl'.")
+    if isinstance(models, (str, Path)):
+        models = [models]
+    if isinstance(datasets, (str, Path)):
+        datasets = [datasets]
+    if test_range is not None:
+        parse_range(test_range, 0)  # the same syntax check OpenCompass would fail on later
+    num_gpus = _default_gpus() if num_gpus is None else num_gpus
+    path = Path(path)
+    try:  # inside the repo, name the config by its repo-relative path (no home folders in outputs)
+        shown = path.resolve().relative_to(REPO_ROOT)
+    except ValueError:
+        shown = path
+    command = f"opencompass {shown} --debug"
+    imports, model_exprs, data_exprs, ranged = [], [], [], []
+    for i, model in enumerate(models):
+        line, expr = _oc_model(model, i, mode, served_model, num_gpus)
+        imports += [line] if line else []
+        model_exprs.append(expr)
+    for dataset in datasets:
+        line, expr = _oc_dataset(str(dataset), mode, test_range, data_root)
+        imports += [line] if line else []
+        data_exprs.append(expr)
+        ranged += [expr] if line and test_range is not None else []
+    from .env import read_pins
+
+    values = dict(version=read_pins(REPO_ROOT / "requirements" / "gpu.txt")["opencompass"], command=command,
+                  data_root=data_root, read_base=_read_base_block(imports), datasets=_splat(data_exprs),
+                  models=_splat(model_exprs), benchmark_slice=_slice_block(ranged, test_range),
+                  work_dir=repr(work_dir))
+    template = Template((DATA_DIR / "eval" / "opencompass_config.py.tmpl").read_text(encoding="utf-8"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(template.substitute(values), encoding="utf-8")
+    return command

@@ -43,10 +43,10 @@ def _cache_kind(cache) -> str:
 
 
 def _quantized(model) -> list[dict]:
-    import course_utils.quantize as q
+    from .quantize import QuantLinear
 
     return [{"name": n, "in": m.in_features, "out": m.out_features, "group": m.group_size}
-            for n, m in model.named_modules() if isinstance(m, q.QuantLinear)]
+            for n, m in model.named_modules() if isinstance(m, QuantLinear)]
 
 
 class _Saver:
@@ -220,8 +220,7 @@ class _Loader:
     def _model(self, value: dict):
         import copy
 
-        from .quantize import _set_module
-        import course_utils.quantize as q
+        from .quantize import QuantLinear, set_module
 
         base = copy.deepcopy(self._load_model(value["model"])[0])
         if not value.get("quantized"):
@@ -232,9 +231,9 @@ class _Loader:
         for layer in value["quantized"]:
             n = layer["name"]
             get = lambda key: tensors.get(f"{n}.{key}")  # noqa: E731
-            _set_module(base, n, q.QuantLinear(int(layer["in"]), int(layer["out"]), int(layer["group"]),
-                                               get("qweight"), get("scales"), get("zeros"),
-                                               get("input_scale"), get("bias")))
+            set_module(base, n, QuantLinear(int(layer["in"]), int(layer["out"]), int(layer["group"]),
+                                            get("qweight"), get("scales"), get("zeros"),
+                                            get("input_scale"), get("bias")))
         params = dict(base.named_parameters())
         for key, t in tensors.items():  # the rest (norms, embeddings) in the dtype the learner left
             if key in params:

@@ -6,23 +6,23 @@ model's replies every ``evaluation_freq`` steps like XTuner's ``EvaluateChatHook
 checkpoints every ``save_steps`` and resumes from the last one with ``resume=True``.
 ``merge_adapter`` folds the adapter into a full-precision base and checks the reply first;
 ``export_xtuner_config`` writes the same run as a real XTuner config file.
-Data and tokenisation live in ``course_utils.sft_data``.
+Data and tokenisation live in ``course_utils.sft_data`` and are re-exported here (one import per lesson).
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import math
 import os
 import re
 import shutil
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import CourseError
+from .compat import quiet_libraries
+from .errors import CourseError, is_number, is_whole
+from .models import reply
+from .sft_data import *  # noqa: F403  re-exported: a notebook needs one import per lesson
 
 PARTS = {  # XTuner config part -> {FinetuneConfig field: XTuner variable name}
     "1 settings": {"data_path": "data_path", "work_dir": "--work-dir",
@@ -144,35 +144,6 @@ class TrainResult:
         return dict(zip(last.question, last.reply))
 
 
-def quiet_libraries() -> None:
-    """Silence library chatter that is not about the learner's run (kept out of stored outputs)."""
-    # bitsandbytes warns on import that an optional faster CPU kernel package is missing.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    # peft 0.21 reads a transformers property that 5.x deprecates; nothing for the learner to do.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
-                            category=FutureWarning)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
-def reply(model, tokenizer, question: str | list[dict], *, system: str | None = None,
-          max_new_tokens: int = 32) -> str:
-    """The model's greedy reply to one question (or a message list), without the prompt."""
-    import torch
-
-    messages = question if isinstance(question, list) else [{"role": "user", "content": question}]
-    if system and messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": system}] + messages
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                        return_dict=True).to(model.device)
-    with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-
-
 def _callbacks(cfg: FinetuneConfig, tokenizer, sink: dict):
     """The concise step log and the EvaluateChatHook, as ``TrainerCallback`` objects."""
     from transformers import TrainerCallback
@@ -233,15 +204,6 @@ def _paths(cfg: FinetuneConfig) -> tuple[Path, Path]:
     return work, data
 
 
-def _whole(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _number(value) -> bool:
-    """A real, finite number (bools and text are mistakes, NaN and inf too)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _check(cfg: FinetuneConfig) -> None:
     """Every field a learner sets, checked before anything slow (a NaN lr trains NaN losses)."""
     if not isinstance(cfg, FinetuneConfig):
@@ -252,30 +214,30 @@ def _check(cfg: FinetuneConfig) -> None:
     for name in ("lora_r", "max_length", "batch_size", "accumulative_counts", "save_steps",
                  "eval_max_new_tokens"):
         value = getattr(cfg, name)
-        if not _whole(value) or value < 1:
+        if not is_whole(value) or value < 1:
             raise CourseError(f"{name}={value!r} must be a whole number of at least 1.")
     for name in ("max_steps", "save_total_limit"):
         value = getattr(cfg, name)
-        if value is not None and (not _whole(value) or value < 1):
+        if value is not None and (not is_whole(value) or value < 1):
             raise CourseError(f"{name}={value!r} must be None or a whole number of at least 1.")
-    if not _whole(cfg.evaluation_freq) or cfg.evaluation_freq < 0:
+    if not is_whole(cfg.evaluation_freq) or cfg.evaluation_freq < 0:
         raise CourseError(f"evaluation_freq={cfg.evaluation_freq!r} must be a whole number >= 0 "
                           "(0: replies only at the start and the end).")
-    if not _whole(cfg.seed) or not 0 <= cfg.seed < 2**32:
+    if not is_whole(cfg.seed) or not 0 <= cfg.seed < 2**32:
         raise CourseError(f"seed={cfg.seed!r} must be a whole number from 0 to 2**32 - 1.")
     for name in ("lr", "max_epochs", "lora_alpha"):
         value = getattr(cfg, name)
-        if not _number(value) or value <= 0:
+        if not is_number(value) or value <= 0:
             raise CourseError(f"{name}={value!r} must be a finite number above 0 (no quotes, not "
                               "NaN or inf).")
     for name in ("weight_decay", "max_norm"):
         value = getattr(cfg, name)
-        if not _number(value) or value < 0:
+        if not is_number(value) or value < 0:
             raise CourseError(f"{name}={value!r} must be a finite number >= 0.")
-    if not _number(cfg.lora_dropout) or not 0 <= cfg.lora_dropout < 1:
+    if not is_number(cfg.lora_dropout) or not 0 <= cfg.lora_dropout < 1:
         raise CourseError(f"lora_dropout={cfg.lora_dropout!r} must be a number from 0 up to (not "
                           "including) 1.")
-    if not _number(cfg.warmup_ratio) or not 0 <= cfg.warmup_ratio <= 1:
+    if not is_number(cfg.warmup_ratio) or not 0 <= cfg.warmup_ratio <= 1:
         raise CourseError(f"warmup_ratio={cfg.warmup_ratio!r} must be a share from 0 to 1 "
                           "(0.03: the first 3% of the steps).")
     for name in ("pack_to_max_length", "gradient_checkpointing"):

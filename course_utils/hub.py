@@ -24,12 +24,19 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
 
 from .errors import CourseError
+from .memory import count_parameters
 
 SOURCES = ("hf", "modelscope")
 # ModelScope publishes the InternLM models under the lab's name; the mirror keeps one folder per model.
 MODELSCOPE_ORGS = {"Shanghai_AI_Laboratory": "internlm"}
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 HF_MIRROR = "https://hf-mirror.com"  # the mirror the bootcamp uses in mainland China
+COMPLETE_MARKER = ".course-complete"  # written last, so a half-downloaded or half-converted folder is never used
+
+
+def downloads_allowed() -> bool:
+    """Hub downloads happen only when ``HF_HUB_OFFLINE`` is off (the tiny profile turns it on)."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("0", "false", "no", "")
 
 
 def hub_source(source: str | None = None) -> str:
@@ -132,8 +139,6 @@ def _download(repo_id, filename, source, endpoint, revision, cache_dir) -> Path:
 
 
 def _require_modelscope_online() -> None:
-    from .models import downloads_allowed
-
     if not downloads_allowed():
         raise CourseError("Downloads are off (HF_HUB_OFFLINE=1; the tiny profile sets it): start "
                           "Python with HF_HUB_OFFLINE=0 to download from ModelScope.")
@@ -179,8 +184,6 @@ def snapshot(repo_id: str, dest: Path, *, source: str | None = None, endpoint: s
 def download_model(spec, dest: Path, *, source: str | None = None,
                    endpoint: str | None = None) -> Path:
     """Snapshot a registry model into ``dest`` atomically: a partial folder is never used."""
-    from .models import COMPLETE_MARKER
-
     source = hub_source(source)
     repo_id = spec.modelscope_id if source == "modelscope" else spec.hf_id
     if not repo_id:
@@ -441,27 +444,13 @@ def mirror_repos(root: str | Path | None = None) -> list[str]:
 
 # ---- what the downloaded config files tell ------------------------------------------------------
 
-def count_parameters(config: dict) -> int:
-    """Parameters of a llama-style decoder (InternLM2, Llama, Qwen2) from its ``config.json``."""
-    hidden, layers = config["hidden_size"], config["num_hidden_layers"]
-    heads = config["num_attention_heads"]
-    kv_heads = config.get("num_key_value_heads", heads)
-    head_dim = config.get("head_dim") or hidden // heads
-    vocab, inter = config["vocab_size"], config["intermediate_size"]
-    attention = hidden * (heads + 2 * kv_heads) * head_dim + heads * head_dim * hidden  # qkv + out
-    mlp = 3 * hidden * inter  # gate, up, down
-    per_layer = attention + mlp + 2 * hidden  # + two RMSNorm weights
-    embeddings = vocab * hidden * (1 if config.get("tie_word_embeddings") else 2)
-    return layers * per_layer + embeddings + hidden  # + the final norm
-
-
 def weights_summary(config_path: str | Path, index_path: str | Path) -> dict:
     """Parameter count from the config, checked against the weight index's byte total."""
     config = json.loads(Path(config_path).read_text())
     index = json.loads(Path(index_path).read_text())
     dtype = config.get("torch_dtype") or config.get("dtype") or "bfloat16"
     bytes_per = {"float32": 4, "bfloat16": 2, "float16": 2}.get(dtype, 2)
-    params = count_parameters(config)
+    params = count_parameters(config)  # course_utils.memory: the one parameter formula
     total = index["metadata"]["total_size"]
     return {"parameters": params, "dtype": dtype, "index_total_bytes": total,
             "index_parameters": total // bytes_per,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
-import numbers
 import os
 import re
 import shutil
@@ -26,8 +25,14 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import CourseError
+from .errors import CourseError, is_whole
 from .paths import REPO_ROOT
+
+__all__ = [  # the public API, re-exported by course_utils.rag (tests/test_lesson_modules.py keeps them equal)
+    "COLLECTION", "DEFAULT_PATTERNS", "MARKDOWN_SUFFIXES", "STORE_MARKER", "BuildReport", "SkippedFileWarning",
+    "SplitConfig", "build_vectorstore", "chunk_stats", "default_patterns", "indexed_files", "load_documents",
+    "load_embeddings", "load_vectorstore", "markdown_sections", "plot_chunk_lengths", "reset_store", "show_path",
+    "split_documents"]
 
 DEFAULT_PATTERNS = ("**/*.md", "**/*.markdown", "**/*.txt", "**/*.pdf")
 COLLECTION = "course_kb"
@@ -46,11 +51,6 @@ class SkippedFileWarning(UserWarning):
     """A file that ``load_documents`` could not read and left out."""
 
 
-def _whole(value) -> bool:
-    """An int (numpy's too), but not True/False, which Python counts as 1/0."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 @dataclass(frozen=True)
 class SplitConfig:
     chunk_size: int = 500  # characters; the bootcamp's default
@@ -60,10 +60,10 @@ class SplitConfig:
     def __post_init__(self):
         # Checked when the learner writes the config, not deep inside a build once the model has loaded.
         size, overlap = self.chunk_size, self.chunk_overlap
-        if not _whole(size) or size < 1:
+        if not is_whole(size) or size < 1:
             raise CourseError(f"chunk_size={size!r}: use a whole number of characters, 1 or more "
                               "(the course uses 500).")
-        if not _whole(overlap) or not 0 <= overlap < size:
+        if not is_whole(overlap) or not 0 <= overlap < size:
             raise CourseError(f"chunk_overlap={overlap!r}: use a whole number of characters from 0 to {size - 1} "
                               f"(below chunk_size={size}); the course uses 150 with chunk_size=500.")
         if not isinstance(self.header_context, bool):
@@ -608,7 +608,7 @@ def build_vectorstore(source, persist_dir: str | Path, *, patterns=None, config:
     paths, persist_dir = _check_source(source), _check_store_dir(persist_dir)
     _check_config(config)
     _check_embeddings(embeddings)
-    if not _whole(batch_size) or batch_size < 1:
+    if not is_whole(batch_size) or batch_size < 1:
         raise CourseError(f"batch_size={batch_size!r}: use a whole number of chunks per embedding batch, "
                           "1 or more (default 64).")
     if patterns is None:

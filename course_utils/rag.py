@@ -16,11 +16,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import CourseError
-from .knowledge import (  # noqa: F401  (re-exported: the lesson's API is course_utils.rag)
-    COLLECTION, DEFAULT_PATTERNS, BuildReport, SkippedFileWarning, SplitConfig, build_vectorstore,
-    chunk_stats, default_patterns, indexed_files, load_documents, load_embeddings, load_vectorstore,
-    markdown_sections, plot_chunk_lengths, reset_store, show_path, split_documents)
-from .knowledge import _whole
+from .knowledge import *  # noqa: F403  re-exported: a notebook needs one import per lesson
+from .knowledge import show_path  # the names this module itself uses, spelled out for the reader
 from .paths import DATA_DIR
 
 # The default prompt of make_rag_chain / RagSession (the lesson writes its own in the notebook). One user
@@ -74,7 +71,7 @@ def _hit(doc, distance: float) -> Hit:
 
 
 def _check_k(k, name: str = "k", example: int = 4) -> None:
-    if not _whole(k) or k < 1:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise CourseError(f"{name}={k!r}: use a whole number of chunks to retrieve, 1 or more "
                           f"(e.g. {name}={example}).")
 
@@ -309,7 +306,7 @@ def load_eval_set(path: str | Path | None = None, languages=None) -> list[dict]:
                 raise CourseError(f"{where} line {n} is not valid JSON ({exc.msg}); was the file cut short? "
                                   "Each line is one object like {\"question\": \"...\", \"source\": "
                                   "\"en/....md\"}.") from None
-            if not _is_question(item):
+            if not is_question(item):
                 raise CourseError(f"{where} line {n}: each line needs non-empty \"question\" and \"source\" "
                                   "strings, like {\"question\": \"...\", \"source\": \"en/....md\"}.")
             items.append(item)
@@ -320,7 +317,7 @@ def load_eval_set(path: str | Path | None = None, languages=None) -> list[dict]:
     return items
 
 
-def _is_question(item) -> bool:
+def is_question(item) -> bool:
     """One eval item: a dict with non-empty "question" and "source" strings (the eval set's format)."""
     return (isinstance(item, dict) and isinstance(item.get("question"), str) and item["question"].strip() != ""
             and isinstance(item.get("source"), str) and item["source"].strip() != "")
@@ -336,7 +333,7 @@ def _check_qa(qa) -> list[dict]:
         raise CourseError("No questions to evaluate: pass rag.load_eval_set() or a list of "
                           "{\"question\": ..., \"source\": ...} dicts.")
     for i, item in enumerate(qa):
-        if not _is_question(item):
+        if not is_question(item):
             raise CourseError(f"qa[{i}] = {item!r:.80}: each question needs non-empty \"question\" and \"source\" "
                               "strings, like the items of rag.load_eval_set().")
     return qa
@@ -413,7 +410,7 @@ def explain_miss(store, item: dict, k: int = 4):
 
     _check_store(store)
     _check_k(k)
-    if not _is_question(item):
+    if not is_question(item):
         raise CourseError(f"item={item!r:.80}: pass one question of the eval set, a dict with non-empty "
                           "\"question\" and \"source\" strings.")
     vector = store.embeddings.embed_query(item["question"])

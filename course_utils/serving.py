@@ -3,14 +3,14 @@
 ``serve()`` starts the server as a child process, waits until it answers, keeps its log, and
 stops it cleanly: on ``stop()``, at the end of a ``with`` block, at interpreter exit, and (on
 Linux) when the process that started it dies, e.g. a restarted notebook kernel.
+``benchmark_concurrency()`` load-tests any such server through its OpenAI client and keeps one
+record per request, from which ``load_summary()`` recomputes latency and throughput.
 """
 
 from __future__ import annotations
 
 import atexit
 import errno
-import math
-import numbers
 import os
 import signal
 import socket
@@ -19,19 +19,21 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .compat import has_serve_cli
-from .errors import CourseError
+from .errors import CourseError, is_number, is_whole
 
 BACKENDS = ("auto", "lmdeploy", "transformers")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _RUNNING: dict[int, "Server"] = {}  # port -> server this process started
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+# transformers serve flags for continuous batching on a CPU. Its defaults size the paged KV cache
+# from free memory (about 11 GB of RAM for SmolLM2, enough to get killed on a shared machine);
+# 64 pages x 32 tokens = 2048 tokens in flight is plenty for 8 short requests.
+CPU_BATCHING_ARGS = ("--continuous-batching", "--cb-num-blocks", "64", "--cb-block-size", "32",
+                     "--cb-max-batch-tokens", "256")
 
 
 def _family(host: str) -> int:
@@ -52,7 +54,7 @@ def _bind_error(port: int, host: str) -> OSError | None:
 
 
 def _check_port_number(port) -> None:
-    if not _is_int(port) or not 0 <= port <= 65535:
+    if not is_whole(port) or not 0 <= port <= 65535:
         raise CourseError(f"port={port!r:.40}: use a whole number from 1 to 65535, or port=0 for any "
                           "free port (e.g. port=23333).")
 
@@ -100,14 +102,13 @@ def _check_extra_args(extra_args) -> list[str]:
 
 
 def _check_lmdeploy_options(tp, quant_policy, cache_max_entry_count, model_format) -> None:
-    if not _is_int(tp) or tp < 1:
+    if not is_whole(tp) or tp < 1:
         raise CourseError(f"tp={tp!r:.40}: the number of GPUs to split the model over, a whole number "
                           "1 or more (1 on InternStudio's single GPU).")
     if quant_policy not in (0, 4, 8) or isinstance(quant_policy, bool):
         raise CourseError(f"quant_policy={quant_policy!r:.40}: LMDeploy takes 0 (off), 4 or 8 "
                           "(KV-cache bits).")
-    if (not isinstance(cache_max_entry_count, numbers.Real) or isinstance(cache_max_entry_count, bool)
-            or not 0 < cache_max_entry_count <= 1):
+    if not is_number(cache_max_entry_count) or not 0 < cache_max_entry_count <= 1:
         raise CourseError("cache_max_entry_count is the share of free GPU memory for the KV cache: "
                           f"use a number in (0, 1], not {cache_max_entry_count!r:.40}.")
     if model_format not in (None, "hf", "awq", "gptq"):
@@ -361,8 +362,7 @@ def serve(model=None, *, backend: str = "auto", port: int = 23333, host: str = "
     # before the server starts, whose own errors only show up in its log after the start-up wait.
     _check_port_number(port)
     host = _check_host(host)
-    if timeout is not None and (not isinstance(timeout, numbers.Real) or isinstance(timeout, bool)
-                                or not math.isfinite(timeout) or timeout <= 0):
+    if timeout is not None and (not is_number(timeout) or timeout <= 0):
         raise CourseError(f"timeout={timeout!r:.40}: use the seconds to wait for the server, a number "
                           "above 0 (or None: 180 s for transformers, 600 s for LMDeploy).")
     if api_key is not None and not isinstance(api_key, str):  # no repr: it may be a secret
@@ -421,3 +421,49 @@ def client(server: Server, **kwargs):
     import openai
 
     return openai.OpenAI(base_url=server.base_url, api_key=server.api_key or "EMPTY", **kwargs)
+
+
+def benchmark_concurrency(client, model: str, prompts: list[str], *, concurrency: int = 8,
+                          max_tokens: int = 32) -> dict:
+    """Send ``prompts`` to an OpenAI-compatible server, ``concurrency`` at a time: latency, throughput.
+
+    ``log`` keeps one record per request (start and end in seconds from the benchmark's start,
+    tokens, reply), so every aggregate can be recomputed and the overlap of requests checked.
+    """
+    t0 = time.perf_counter()
+
+    def one(prompt: str) -> dict:
+        start = time.perf_counter() - t0
+        reply = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
+            temperature=0)
+        end = time.perf_counter() - t0
+        return {"prompt": prompt, "start_s": start, "end_s": end,
+                "completion_tokens": reply.usage.completion_tokens if reply.usage else 0,
+                "text": (reply.choices[0].message.content or "") if reply.choices else ""}
+
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        log = list(pool.map(one, prompts))
+    return {**load_summary(log, wall=time.perf_counter() - t0), "concurrency": concurrency, "log": log}
+
+
+def load_summary(log: list[dict], wall: float | None = None) -> dict:
+    """Latency and throughput of a benchmark ``log``; ``wall`` defaults to the last reply's end."""
+    latencies = sorted(r["end_s"] - r["start_s"] for r in log)
+    wall = wall if wall is not None else max(r["end_s"] for r in log)
+    tokens = sum(r["completion_tokens"] for r in log)
+    return {"requests": len(log), "wall_s": wall, "latency_mean_s": sum(latencies) / len(latencies),
+            "latency_p50_s": latencies[len(latencies) // 2], "latency_max_s": latencies[-1],
+            "completion_tokens": tokens, "throughput_tok_s": tokens / wall,
+            "requests_per_s": len(log) / wall, "max_in_flight": max_in_flight(log)}
+
+
+def max_in_flight(log: list[dict]) -> int:
+    """The most requests of ``log`` that were open at the same moment."""
+    events = sorted([(r["start_s"], 1) for r in log] + [(r["end_s"], -1) for r in log],
+                    key=lambda e: (e[0], e[1]))  # an end before a start at the same instant
+    open_now = peak = 0
+    for _, step in events:
+        open_now += step
+        peak = max(peak, open_now)
+    return peak

@@ -20,6 +20,11 @@ from pathlib import Path
 
 from .errors import CourseError
 
+__all__ = [  # the public API, re-exported by course_utils.finetune (tests/test_lesson_modules.py keeps them equal)
+    "IDENTITY_QUESTIONS", "IDENTITY_REPLY", "IGNORE_INDEX", "INTERNLM2_CHAT_TEMPLATE", "ROLES", "build_examples",
+    "build_text_examples", "collate", "identity_reply", "load_conversations", "load_texts", "make_identity_dataset",
+    "pack_examples", "show_labels", "to_messages", "tokenize_conversation"]
+
 IGNORE_INDEX = -100  # labels with this value are skipped by the cross-entropy loss
 ROLES = ("system", "user", "assistant")
 

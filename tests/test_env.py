@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from course_utils import CourseError, env
+from course_utils import CourseError, env, models
 
 
 def test_detect_reports_this_machine():
@@ -47,7 +47,7 @@ def test_share_roots_override(monkeypatch, tmp_path):
 
 
 def test_doctor_table_lists_packages_and_models():
-    table = env.doctor()
+    table = models.doctor()
     assert table.loc["profile", "value"] in env.PROFILES
     assert table.loc["transformers", "value"][0].isdigit()
     assert table.loc["model: all-minilm-l6-v2", "value"] == "bundled"

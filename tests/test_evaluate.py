@@ -14,10 +14,10 @@ import pytest
 from course_utils.errors import CourseError
 from pyconfig import dict_calls
 
-from course_utils.eval_data import (OPTIONS, build_messages, export_opencompass_config, extract_choice,
-                                    list_datasets, load_dataset, parse_range, render_plain)
-from course_utils.evaluate import (EndpointLM, LocalLM, disagreements, evaluate, load_predictions,
-                                   summarize, summary_table)
+from course_utils.eval_data import (OPTIONS, build_messages, extract_choice, list_datasets, load_dataset,
+                                    parse_range, render_plain)
+from course_utils.evaluate import (EndpointLM, LocalLM, disagreements, evaluate, export_opencompass_config,
+                                   load_predictions, summarize, summary_table)
 from course_utils.hub import send_json
 
 
@@ -435,6 +435,32 @@ def test_export_ppl_uses_the_base_model_class_and_refuses_endpoints(tmp_path):
 def test_config_without_imports_has_no_read_base_block(tmp_path):
     export_opencompass_config("/root/m", "course_en", tmp_path / "f.py", num_gpus=0)
     assert "read_base" not in (tmp_path / "f.py").read_text()  # mmengine rejects an empty block
+
+
+def test_config_template_renders_both_optional_blocks_in_place(tmp_path):
+    """data/eval/opencompass_config.py.tmpl filled in: read_base() block, lists, benchmark slice, work_dir."""
+    command = export_opencompass_config("/root/m", ["ceval", "course_en"], tmp_path / "g.py", test_range="[0:2]",
+                                        num_gpus=0, work_dir="./work")
+    header, body = (tmp_path / "g.py").read_text().split("\n\nfrom opencompass.models import")
+    assert f"#   {command}\n" in header and "(data/eval)" in header and "$" not in header
+    model = ("dict(type=HuggingFacewithChatTemplate, abbr='m', path='/root/m', max_out_len=256, batch_size=8, "
+             "model_kwargs=dict(torch_dtype='float32'), run_cfg=dict(num_gpus=0))")
+    assert body == f""" HuggingFaceBaseModel, HuggingFacewithChatTemplate, OpenAISDK
+from mmengine.config import read_base
+
+with read_base():
+    from opencompass.configs.datasets.ceval.ceval_gen import ceval_datasets
+
+datasets = [*ceval_datasets, *[dict(abbr='course_en', path='data/eval/course_en/val.jsonl', data_type='mcq', \
+infer_method='gen', test_range='[0:2]')]]
+models = [*[{model}]]
+
+# Evaluate a slice of each benchmark (OpenCompass's test_range), as the lesson does.
+for _d in [*ceval_datasets]:
+    _d['reader_cfg']['test_range'] = '[0:2]'
+
+work_dir = './work'
+"""
 
 
 # ---- the real tiny model -------------------------------------------------------------------------

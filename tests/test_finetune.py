@@ -408,7 +408,7 @@ def test_resume_after_interruption_reaches_the_same_end(trained, tmp_path):
 
 @pytest.mark.slow
 def test_merge_matches_base_plus_adapter(trained, tmp_path):
-    from course_utils.finetune import reply
+    from course_utils.models import reply
     from course_utils.models import load_model
 
     result, _ = trained

@@ -115,6 +115,14 @@ def test_progress_remembers_first_pass_and_student(scratch_progress, capsys):
     assert homework.load_progress() == {"tasks": {}}  # a broken file never stops a notebook
 
 
+def test_each_lesson_module_checks_its_own_notebook():
+    for number, notebook in enumerate(LESSONS, 1):
+        module = getattr(homework, f"lesson{number}")
+        registered = {t.id for t in homework.TASKS.values() if t.checker.__module__ == module.__name__}
+        assert registered == {t.id for t in homework.lesson_tasks(number)}
+        assert f"homework/{notebook}.ipynb" in module.__doc__
+
+
 def test_every_lesson_has_basic_and_advanced_tasks():
     for lesson in range(1, 7):
         levels = {t.level for t in homework.lesson_tasks(lesson)}
@@ -168,8 +176,8 @@ def test_l1_env_counts_parameters_from_the_weight_files(tmp_path):
 
     save_file({"a": np.zeros((3, 4), np.float32), "b": np.zeros((5,), np.float32)}, tmp_path / "x.safetensors")
     save_file({"c": np.zeros((2, 2, 2), np.float32)}, tmp_path / "y.safetensors")
-    assert homework._weights_on_disk(tmp_path) == 12 + 5 + 8
-    assert homework._weights_on_disk(tmp_path / "none") is None
+    assert homework.lesson1._weights_on_disk(tmp_path) == 12 + 5 + 8
+    assert homework.lesson1._weights_on_disk(tmp_path / "none") is None
 
 
 def test_l1_memory_and_context_checks_catch_wrong_numbers():
@@ -226,7 +234,8 @@ def test_grader_table(fixture_grades):
 
 
 def test_grade_command_end_to_end(tmp_path):
-    """`python -m course_utils grade ... --json` as a TA types it."""
+    """`python -m course_utils grade ... --json` as a TA types it: course_utils/__main__.py's `grade`
+    subcommand (arguments from grading.add_arguments) in a fresh interpreter."""
     import subprocess
     import sys
 
@@ -304,17 +313,17 @@ def downloaded_files(tmp_path_factory):
     cache = tmp_path_factory.mktemp("hub")
     with hub.serve_mirror() as mirror:
         return {repo: hub.download(repo, "config.json", endpoint=mirror.endpoint, cache_dir=cache)
-                for repo in (homework.HUB_REPO, "internlm/internlm2-chat-1_8b")}
+                for repo in (homework.lesson2.HUB_REPO, "internlm/internlm2-chat-1_8b")}
 
 
 def test_download_check_reparses_the_files(downloaded_files):
-    answer = {"config": downloaded_files[homework.HUB_REPO], "layers": 60, "parameters": 20_088_714_240}
+    answer = {"config": downloaded_files[homework.lesson2.HUB_REPO], "layers": 60, "parameters": 20_088_714_240}
     assert homework.run_check("L2.download", answer).passed
     assert homework.run_check("L2.download", {**answer, "parameters": 20.1e9}).passed  # within 1%
     wrong_layers = homework.run_check("L2.download", {**answer, "layers": 32})
     assert not wrong_layers.passed and "num_hidden_layers=60" in wrong_layers.detail
     assert not homework.run_check("L2.download", {**answer, "parameters": 7e9}).passed
-    mirror_copy = REPO_ROOT / "data" / "hub_mirror" / homework.HUB_REPO / "config.json"
+    mirror_copy = REPO_ROOT / "data" / "hub_mirror" / homework.lesson2.HUB_REPO / "config.json"
     assert "mirror's own copy" in homework.run_check("L2.download", {**answer, "config": mirror_copy}).detail
     other_model = {**answer, "config": downloaded_files["internlm/internlm2-chat-1_8b"]}
     assert "not InternLM-20B's" in homework.run_check("L2.download", other_model).detail
@@ -368,8 +377,8 @@ def test_forgetting_check_counts_lost_answers(monkeypatch):
             return "I am an AI.", "I am Ada's assistant."
         return right[question], "I am Ada's assistant." if question in wrong else right[question]
 
-    monkeypatch.setattr(homework, "_peft_model", lambda answer: (None, None))
-    monkeypatch.setattr(homework, "_replies", replies)
+    monkeypatch.setattr(homework.lesson4, "_peft_model", lambda answer: (None, None))
+    monkeypatch.setattr(homework.lesson4, "_replies", replies)
     answer = {"name": "Ada", "result": None}
     assert "all 10 general answers" in homework.run_check("L4.forgetting", answer).detail
     wrong.add(questions[0])

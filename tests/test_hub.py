@@ -4,9 +4,10 @@ import json
 
 import pytest
 
-from course_utils import hub
+from course_utils import hub, memory
 from course_utils.errors import CourseError
-from course_utils.models import COMPLETE_MARKER, ModelSpec
+from course_utils.hub import COMPLETE_MARKER
+from course_utils.models import ModelSpec
 from course_utils.paths import DATA_DIR
 
 REPO = "internlm/internlm2-chat-1_8b"
@@ -92,7 +93,7 @@ def test_models_resolve_downloads_through_hub_when_allowed(tmp_path, monkeypatch
     monkeypatch.setenv("COURSE_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("COURSE_SHARE_ROOTS", str(tmp_path / "no-share"))
     monkeypatch.delenv("COURSE_MODEL_DIR", raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # downloads allowed (models.downloads_allowed)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # downloads allowed (hub.downloads_allowed)
     with hub.serve_mirror(mirror_root) as m:
         monkeypatch.setenv("HF_ENDPOINT", m.endpoint)
         folder = resolve("bce-embedding-base_v1")
@@ -148,9 +149,9 @@ def test_internlm_20b_config_counts_to_its_published_weights(mirror, tmp_path, o
     path = hub.download(REPO_20B, "config.json", endpoint=mirror.endpoint, cache_dir=tmp_path)
     config = json.loads(path.read_text())
     assert (config["model_type"], config["num_hidden_layers"], config["hidden_size"]) == ("internlm", 60, 5120)
-    assert hub.count_parameters(config) == 20_088_714_240
+    assert memory.count_parameters(config) == 20_088_714_240
     # total_size of pytorch_model.bin.index.json in internlm/internlm-20b (bf16, 5 shards)
-    assert 2 * hub.count_parameters(config) == 40_177_428_480
+    assert 2 * memory.count_parameters(config) == 40_177_428_480
 
 
 def test_the_real_modelscope_client_downloads_from_the_mirror(mirror, tmp_path, monkeypatch):

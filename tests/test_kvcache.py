@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from course_utils import CourseError
+from course_utils.memory import kv_bytes
 from course_utils import kvcache as kv
 
 
@@ -39,7 +40,7 @@ def test_measured_bytes_match_the_formula(small_config, kind, bits, dtype):
     assert cache.get_seq_length() == 100
     # 2 (K,V) x 3 layers x 2 kv heads x 100 tokens x (32 dims x bits/8 [+ 4 bytes scale/zero])
     per = 32 * bits // 8 + (4 if bits <= 8 else 0)
-    assert kv.cache_bytes(cache) == kv.kv_bytes(small_config, 100, bits) == 2 * 3 * 2 * 100 * per
+    assert kv.cache_bytes(cache) == kv_bytes(small_config, 100, bits) == 2 * 3 * 2 * 100 * per
 
 
 def test_cache_appends_and_returns_dequantized_history(small_config):
@@ -53,7 +54,7 @@ def test_cache_appends_and_returns_dequantized_history(small_config):
 
 def test_quanto_cache_is_smaller_than_bf16(small_config):
     cache = kv.fill_cache(kv.make_cache("quanto-int4", small_config), small_config, 256, torch.bfloat16)
-    assert 0 < kv.cache_bytes(cache) < 0.5 * kv.kv_bytes(small_config, 256, 16)
+    assert 0 < kv.cache_bytes(cache) < 0.5 * kv_bytes(small_config, 256, 16)
 
 
 def test_memory_table_at_2k_tokens_for_smollm2(tiny_model):
@@ -84,4 +85,4 @@ def test_int8_cache_in_generation_and_perplexity(tiny_model):
                                cache_factory=lambda: caches.append(factory()) or caches[-1])
     assert out["new_tokens"] == 5 and out["text"].strip()
     tokens = caches[-1].get_seq_length()
-    assert kv.cache_bytes(caches[-1]) == kv.kv_bytes(model.config, tokens, 8)
+    assert kv.cache_bytes(caches[-1]) == kv_bytes(model.config, tokens, 8)

@@ -78,3 +78,25 @@ def test_weight_plot_uses_one_unit_and_keeps_every_label_inside_the_figure():
         if ":" in t.get_text():  # budget labels sit right of the plot, where no bar can cover them
             assert t.get_window_extent(renderer).x0 >= ax.bbox.x1
     plt.close(fig)
+
+
+def test_formulas_honour_a_config_that_sets_its_own_head_dim():
+    """Mistral-NeMo-12B sets head_dim 128, not hidden / heads = 160: count against transformers' own model."""
+    import json
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from course_utils.memory import count_parameters, kv_bytes
+    from course_utils.paths import REPO_ROOT
+
+    raw = json.loads((REPO_ROOT / "tests/data/mistral-nemo-12b-config.json").read_text())
+    config = AutoConfig.for_model(**raw)
+    with torch.device("meta"):  # shapes only: no 24 GB of weights
+        model = AutoModelForCausalLM.from_config(config)
+    real_params = sum(p.numel() for p in model.parameters())
+    assert count_parameters(raw) == count_parameters(config) == real_params == 12_247_782_400
+    k_proj = model.model.layers[0].self_attn.k_proj  # kv_heads x head_dim outputs per token
+    real_kv = 2 * len(model.model.layers) * k_proj.out_features * 2  # K and V, bf16
+    assert kv_bytes(config, tokens=1) == kv_bytes_per_token(ModelShape.from_config(raw), "bf16") == real_kv
+    assert ModelShape.from_config(raw).head_dim == 128 != raw["hidden_size"] // raw["num_attention_heads"]

@@ -2,13 +2,11 @@
 
 import json
 import struct
-import sys
-import types
 from pathlib import Path
 
 import pytest
 
-from course_utils import CourseError, models
+from course_utils import CourseError, hub, models
 
 
 @pytest.fixture
@@ -30,7 +28,7 @@ def _model_folder(path: Path) -> Path:
 def test_resolution_order(places, monkeypatch):
     name = "internlm2_5-1_8b-chat"
     cached = _model_folder(places / "cache/models" / name)
-    (cached / models.COMPLETE_MARKER).write_text("")
+    (cached / hub.COMPLETE_MARKER).write_text("")
     assert models.resolve(name) == cached
     share = _model_folder(places / "share/Shanghai_AI_Laboratory" / name)
     assert models.resolve(name) == share, "the InternStudio share comes before the cache"
@@ -58,9 +56,7 @@ def test_missing_model_error_lists_places_and_fix(places):
 
 def test_hub_is_used_only_when_downloads_are_allowed(places, monkeypatch):
     calls = []
-    fake = types.ModuleType("course_utils.hub")
-    fake.download_model = lambda spec, dest: calls.append((spec.name, dest)) or dest
-    monkeypatch.setitem(sys.modules, "course_utils.hub", fake)
+    monkeypatch.setattr(models, "download_model", lambda spec, dest: calls.append((spec.name, dest)) or dest)
     with pytest.raises(CourseError):
         models.resolve("internlm2-chat-1_8b")
     assert calls == []
@@ -127,7 +123,7 @@ def test_conversion_is_atomic_and_runs_once(places, monkeypatch):
 
     folder = models.resolve("smollm2-135m-instruct")
     assert folder == places / "cache/models/smollm2-135m-instruct"
-    assert (folder / models.COMPLETE_MARKER).is_file() and (folder / "model.safetensors").is_file()
+    assert (folder / hub.COMPLETE_MARKER).is_file() and (folder / "model.safetensors").is_file()
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
     assert models.resolve("smollm2-135m-instruct") == folder
     assert (folder / "model.safetensors").stat().st_mtime_ns == stamp, "converted twice"

@@ -1,7 +1,6 @@
 """W4A16: packing, per-group error bounds, AWQ vs RTN, the quantized model, perplexity, benchmarks."""
 
 import copy
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -158,99 +157,3 @@ def test_quantize_w4a16_argument_errors(tiny_model):
         q.quantize_w4a16(model, "gptq")
     with pytest.raises(CourseError, match="calib_texts"):
         q.quantize_w4a16(model, "awq")
-
-
-class _FakeCompletions:
-    def __init__(self, delay):
-        self.delay, self.seen = delay, []
-
-    def create(self, model, messages, max_tokens, temperature):
-        self.seen.append(messages[0]["content"])
-        time.sleep(self.delay)
-        message = SimpleNamespace(content=f"reply to {messages[0]['content']}")
-        return SimpleNamespace(usage=SimpleNamespace(completion_tokens=max_tokens),
-                               choices=[SimpleNamespace(message=message)])
-
-
-def test_benchmark_concurrency_runs_requests_in_parallel():
-    fake = SimpleNamespace(chat=SimpleNamespace(completions=_FakeCompletions(0.3)))
-    res = q.benchmark_concurrency(fake, "m", [f"p{i}" for i in range(8)], concurrency=8, max_tokens=5)
-    assert sorted(fake.chat.completions.seen) == [f"p{i}" for i in range(8)]
-    assert res["completion_tokens"] == 40 and res["requests"] == 8
-    assert res["wall_s"] < 1.5  # eight 0.3 s requests at once, not 2.4 s one after another
-    assert res["latency_max_s"] >= res["latency_p50_s"] >= 0.3
-    assert res["max_in_flight"] == 8 and [r["text"] for r in res["log"]] == [f"reply to p{i}" for i in range(8)]
-    one = q.benchmark_concurrency(fake, "m", ["a", "b", "c"], concurrency=1, max_tokens=5)
-    assert one["max_in_flight"] == 1 and one["wall_s"] >= 0.9
-
-
-def test_load_summary_recomputes_a_benchmark_from_its_log():
-    log = [{"start_s": 0.0, "end_s": 1.0, "completion_tokens": 10},
-           {"start_s": 0.5, "end_s": 2.0, "completion_tokens": 20},
-           {"start_s": 1.0, "end_s": 3.0, "completion_tokens": 30}]
-    summary = q.load_summary(log)
-    assert summary["wall_s"] == 3.0 and summary["throughput_tok_s"] == 20.0
-    assert summary["latency_mean_s"] == 1.5 and summary["max_in_flight"] == 2
-    # one request ending exactly when the next starts is not two in flight
-    assert q.max_in_flight([{"start_s": 0, "end_s": 1}, {"start_s": 1, "end_s": 2}]) == 1
-
-
-def test_tradeoff_table_ratios():
-    rows = [{"variant": "bf16", "weight_bytes": 200, "kv_bytes_2k": 100, "perplexity": 10.0, "tokens/s": 5},
-            {"variant": "W4", "weight_bytes": 60, "kv_bytes_2k": 100, "perplexity": 11.111, "tokens/s": 3}]
-    table = q.tradeoff_table(rows)
-    assert table.loc["W4", "weights vs bf16"] == 0.3 and table.loc["W4", "KV vs bf16"] == 1.0
-    assert table.loc["W4", "perplexity"] == 11.11
-
-
-@pytest.mark.slow
-def test_server_round_trip_stream_and_concurrency_with_the_openai_client():
-    from course_utils import serving
-
-    with serving.serve("smollm2-135m-instruct", port=serving.free_port(),
-                       extra_args=q.CPU_BATCHING_ARGS) as server:
-        client = serving.client(server)
-        messages = [{"role": "user", "content": "Name a colour."}]
-        chunks = [c.choices[0].delta.content for c in client.chat.completions.create(
-            model=server.model, messages=messages, max_tokens=6, temperature=0, stream=True)
-            if c.choices and c.choices[0].delta.content]
-        full = client.chat.completions.create(model=server.model, messages=messages, max_tokens=6,
-                                              temperature=0)
-        assert len(chunks) > 1 and "".join(chunks) == full.choices[0].message.content
-        res = q.benchmark_concurrency(client, server.model, ["Say hi.", "Say yes."], concurrency=2,
-                                      max_tokens=4)
-        assert res["requests"] == 2 and res["completion_tokens"] > 0 and res["throughput_tok_s"] > 0
-
-
-def _run(concurrency: int, spans: list[tuple[float, float]], tokens: int = 24) -> dict:
-    """A benchmark_concurrency result as the homework returns it, built from request spans."""
-    log = [{"prompt": f"p{i}", "start_s": a, "end_s": b, "completion_tokens": tokens, "text": f"reply {i}"}
-           for i, (a, b) in enumerate(spans)]
-    return {**q.load_summary(log), "concurrency": concurrency, "log": log}
-
-
-def test_the_serve_homework_check_recomputes_the_load_test():
-    from course_utils import homework
-
-    server = SimpleNamespace(host="127.0.0.1", running=False, model="m", backend="transformers")
-    serial = _run(1, [(i, i + 1.0) for i in range(8)])  # 8 s for 192 tokens
-    batched = _run(8, [(0.0, 1.5 + 0.01 * i) for i in range(8)])  # all at once, done in 1.57 s
-    passed = homework.run_check("L5.serve", {"server": server, "load": [serial, batched]})
-    assert passed.passed and "concurrency 1 → 24.0 tok/s, 8 → 122.3 tok/s" in passed.detail, passed.detail
-
-    def detail(load):
-        result = homework.run_check("L5.serve", {"server": server, "load": load})
-        assert not result.passed
-        return result.detail
-
-    edited = {**batched, "throughput_tok_s": batched["throughput_tok_s"] * 2}
-    assert "but its log gives" in detail([serial, edited])
-    one_by_one = _run(8, [(i * 0.2, i * 0.2 + 0.2) for i in range(8)])  # "concurrency 8" that never overlapped
-    assert "no two requests were ever open at once" in detail([serial, one_by_one])
-    unbatched = _run(8, [(0.0, 6.0 + 0.1 * i) for i in range(8)])  # parallel requests, no faster in total
-    slow = homework.run_check("L5.serve", {"server": server, "load": [serial, unbatched]})
-    assert slow.passed and "(1.2×" in slow.detail and "no throughput gain" in slow.detail  # reported, not failed
-    assert "at concurrency 1 the log shows requests overlapping" in detail([_run(1, [(0.0, 2.0)] * 8), batched])
-    assert "'load' holds 1 runs" in detail([serial])
-    other_prompts = {**batched, "log": [{**r, "prompt": "x"} for r in batched["log"]]}
-    assert "same prompts" in detail([serial, other_prompts])

@@ -620,6 +620,7 @@ def own_answer(kb, tmp_path):
             "hit@k": round(report.hit_rate, 3), "mrr": round(report.mrr, 3)}
 
 
+@pytest.mark.slow
 def test_own_material_check_recomputes_hit_and_mrr(own_answer, tmp_path):
     from course_utils import homework
 

@@ -1,8 +1,10 @@
-"""serving: command lines, guards, and one real `transformers serve` process on the tiny model
-(started once for the module) used by the OpenAI client, ChatSession.remote and the agent."""
+"""serving: command lines, guards, the load test, and one real `transformers serve` process on the tiny
+model (started once for the module) used by the OpenAI client, ChatSession.remote and the agent."""
 
 import socket
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -68,6 +70,75 @@ def test_port_taken_by_someone_else_is_a_clear_error():
 def test_free_port_is_free():
     port = serving.free_port()
     assert not serving.port_in_use(port)
+
+
+class _FakeCompletions:
+    def __init__(self, delay):
+        self.delay, self.seen = delay, []
+
+    def create(self, model, messages, max_tokens, temperature):
+        self.seen.append(messages[0]["content"])
+        time.sleep(self.delay)
+        message = SimpleNamespace(content=f"reply to {messages[0]['content']}")
+        return SimpleNamespace(usage=SimpleNamespace(completion_tokens=max_tokens),
+                               choices=[SimpleNamespace(message=message)])
+
+
+def test_benchmark_concurrency_runs_requests_in_parallel():
+    fake = SimpleNamespace(chat=SimpleNamespace(completions=_FakeCompletions(0.3)))
+    res = serving.benchmark_concurrency(fake, "m", [f"p{i}" for i in range(8)], concurrency=8, max_tokens=5)
+    assert sorted(fake.chat.completions.seen) == [f"p{i}" for i in range(8)]
+    assert res["completion_tokens"] == 40 and res["requests"] == 8
+    assert res["wall_s"] < 1.5  # eight 0.3 s requests at once, not 2.4 s one after another
+    assert res["latency_max_s"] >= res["latency_p50_s"] >= 0.3
+    assert res["max_in_flight"] == 8 and [r["text"] for r in res["log"]] == [f"reply to p{i}" for i in range(8)]
+    one = serving.benchmark_concurrency(fake, "m", ["a", "b", "c"], concurrency=1, max_tokens=5)
+    assert one["max_in_flight"] == 1 and one["wall_s"] >= 0.9
+
+
+def test_load_summary_recomputes_a_benchmark_from_its_log():
+    log = [{"start_s": 0.0, "end_s": 1.0, "completion_tokens": 10},
+           {"start_s": 0.5, "end_s": 2.0, "completion_tokens": 20},
+           {"start_s": 1.0, "end_s": 3.0, "completion_tokens": 30}]
+    summary = serving.load_summary(log)
+    assert summary["wall_s"] == 3.0 and summary["throughput_tok_s"] == 20.0
+    assert summary["latency_mean_s"] == 1.5 and summary["max_in_flight"] == 2
+    # one request ending exactly when the next starts is not two in flight
+    assert serving.max_in_flight([{"start_s": 0, "end_s": 1}, {"start_s": 1, "end_s": 2}]) == 1
+
+
+def _run(concurrency: int, spans: list[tuple[float, float]], tokens: int = 24) -> dict:
+    """A benchmark_concurrency result as the homework returns it, built from request spans."""
+    log = [{"prompt": f"p{i}", "start_s": a, "end_s": b, "completion_tokens": tokens, "text": f"reply {i}"}
+           for i, (a, b) in enumerate(spans)]
+    return {**serving.load_summary(log), "concurrency": concurrency, "log": log}
+
+
+def test_the_serve_homework_check_recomputes_the_load_test():
+    from course_utils import homework
+
+    server = SimpleNamespace(host="127.0.0.1", running=False, model="m", backend="transformers")
+    serial = _run(1, [(i, i + 1.0) for i in range(8)])  # 8 s for 192 tokens
+    batched = _run(8, [(0.0, 1.5 + 0.01 * i) for i in range(8)])  # all at once, done in 1.57 s
+    passed = homework.run_check("L5.serve", {"server": server, "load": [serial, batched]})
+    assert passed.passed and "concurrency 1 → 24.0 tok/s, 8 → 122.3 tok/s" in passed.detail, passed.detail
+
+    def detail(load):
+        result = homework.run_check("L5.serve", {"server": server, "load": load})
+        assert not result.passed
+        return result.detail
+
+    edited = {**batched, "throughput_tok_s": batched["throughput_tok_s"] * 2}
+    assert "but its log gives" in detail([serial, edited])
+    one_by_one = _run(8, [(i * 0.2, i * 0.2 + 0.2) for i in range(8)])  # "concurrency 8" that never overlapped
+    assert "no two requests were ever open at once" in detail([serial, one_by_one])
+    unbatched = _run(8, [(0.0, 6.0 + 0.1 * i) for i in range(8)])  # parallel requests, no faster in total
+    slow = homework.run_check("L5.serve", {"server": server, "load": [serial, unbatched]})
+    assert slow.passed and "(1.2×" in slow.detail and "no throughput gain" in slow.detail  # reported, not failed
+    assert "at concurrency 1 the log shows requests overlapping" in detail([_run(1, [(0.0, 2.0)] * 8), batched])
+    assert "'load' holds 1 runs" in detail([serial])
+    other_prompts = {**batched, "log": [{**r, "prompt": "x"} for r in batched["log"]]}
+    assert "same prompts" in detail([serial, other_prompts])
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +207,20 @@ def test_a_server_that_dies_at_start_up_shows_its_log(tmp_path, monkeypatch):
     with pytest.raises(CourseError, match="exited during start-up") as err:
         serving.serve(broken, port=serving.free_port(), timeout=300)
     assert "not-a-model" in str(err.value)  # the log tail names what it failed to load
+
+
+@pytest.mark.slow
+def test_server_round_trip_stream_and_concurrency_with_the_openai_client():
+    with serving.serve("smollm2-135m-instruct", port=serving.free_port(),
+                       extra_args=serving.CPU_BATCHING_ARGS) as server:
+        client = serving.client(server)
+        messages = [{"role": "user", "content": "Name a colour."}]
+        chunks = [c.choices[0].delta.content for c in client.chat.completions.create(
+            model=server.model, messages=messages, max_tokens=6, temperature=0, stream=True)
+            if c.choices and c.choices[0].delta.content]
+        full = client.chat.completions.create(model=server.model, messages=messages, max_tokens=6,
+                                              temperature=0)
+        assert len(chunks) > 1 and "".join(chunks) == full.choices[0].message.content
+        res = serving.benchmark_concurrency(client, server.model, ["Say hi.", "Say yes."], concurrency=2,
+                                            max_tokens=4)
+        assert res["requests"] == 2 and res["completion_tokens"] > 0 and res["throughput_tok_s"] > 0

@@ -1,6 +1,6 @@
 """Every CourseError a learner can meet, read from the code: the catalogue in docs/troubleshooting.md.
 
-Scans ``course_utils/*.py`` for ``raise CourseError(...)`` and renders each message with its
+Scans ``course_utils/**/*.py`` (subpackages such as ``homework/`` too) for ``raise CourseError(...)`` and renders each message with its
 f-string fields as ``{...}`` (the field's code), grouped by module and function. ``--write``
 replaces the catalogue between the markers in docs/troubleshooting.md; without it, prints it.
 tests/test_error_catalog.py fails when the file and the code disagree, so the list cannot drift.
@@ -41,10 +41,16 @@ def _raises(node: ast.AST, func: str = "<module>"):
         yield from _raises(child, inner)
 
 
+def _module_name(path: Path) -> str:
+    """``course_utils/homework/lesson3.py`` -> ``course_utils.homework.lesson3`` (a package's ``__init__``: its name)."""
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
 def catalogue() -> str:
     """The Markdown catalogue: one table per module, one row per distinct (function, message)."""
     parts = []
-    for path in sorted((ROOT / "course_utils").glob("*.py")):
+    for path in sorted((ROOT / "course_utils").rglob("*.py")):
         rows, seen = [], set()
         for _, func, message in sorted(_raises(ast.parse(path.read_text(encoding="utf-8")))):
             key = (func, message)
@@ -53,7 +59,7 @@ def catalogue() -> str:
                 cell = " ".join(message.split()).replace("|", "\\|")
                 rows.append(f"| `{func}` | {cell} |")
         if rows:
-            parts.append(f"#### `course_utils.{path.stem}`\n\n| where | message (it says what to do) |\n"
+            parts.append(f"#### `{_module_name(path)}`\n\n| where | message (it says what to do) |\n"
                          "| --- | --- |\n" + "\n".join(rows))
     return "\n\n".join(parts)
 

@@ -67,7 +67,7 @@ class Check:
 
     # ---- steps ---------------------------------------------------------------------------------
     def env(self) -> str:
-        from course_utils.env import doctor
+        from course_utils.models import doctor
 
         table = doctor()
         (self.out / "doctor.txt").write_text(table.to_string())
@@ -125,10 +125,11 @@ class Check:
 
     def awq(self) -> str:
         from course_utils import lmdeploy_lite as ll
+        from course_utils.lmdeploy_awq import AwqJob, run_auto_awq
 
-        job = ll.AwqJob(model=str(self.tiny), work_dir=str(self.awq_dir), calib_samples=8, calib_seqlen=256,
-                        device=self.device)
-        ll.run_auto_awq(job)
+        job = AwqJob(model=str(self.tiny), work_dir=str(self.awq_dir), calib_samples=8, calib_seqlen=256,
+                     device=self.device)
+        run_auto_awq(job)
         config = json.loads((self.awq_dir / "config.json").read_text())["quantization_config"]
         detail = f"W4A16 g{config['group_size']} written ({self.device})"
         if self.cuda:
@@ -171,7 +172,7 @@ class Check:
         return f"QLoRA {last.name} -> hf adapter -> merged -> chat ({len(chat)} chars)"
 
     def opencompass(self) -> str:
-        from course_utils.eval_data import export_opencompass_config
+        from course_utils.evaluate import export_opencompass_config
 
         rows = []
         for mode in ("gen", "ppl"):

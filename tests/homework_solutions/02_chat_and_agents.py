@@ -21,7 +21,7 @@ print(story.length, "words or characters in", story.rounds, "rounds")
 # %% task:L2.download
 import json
 
-from course_utils import hub
+from course_utils import hub, memory
 from course_utils.paths import outputs_dir
 
 REPO = "internlm/internlm-20b"
@@ -39,7 +39,7 @@ def download_and_count() -> dict:
             mirror.stop()
     config = json.loads(config_path.read_text())
     return {"config": config_path, "layers": config["num_hidden_layers"],
-            "parameters": hub.count_parameters(config)}
+            "parameters": memory.count_parameters(config)}
 
 
 downloaded = homework.attempt(download_and_count)

@@ -5,7 +5,9 @@ Each ``# %% task:<id>`` section replaces the notebook cell tagged ``task:<id>`` 
 
 # %% task:L4.identity
 from course_utils.env import profile
-from course_utils.finetune import FinetuneConfig, quiet_libraries, reply, train
+from course_utils.compat import quiet_libraries
+from course_utils.finetune import FinetuneConfig, train
+from course_utils.models import reply
 from course_utils.paths import outputs_dir
 from course_utils.sft_data import make_identity_dataset
 

@@ -21,16 +21,15 @@ def quantize_and_measure() -> dict:
 w4a16 = homework.attempt(quantize_and_measure)
 
 # %% task:L5.serve
-from course_utils import quantize as q
 from course_utils import serving
 
 
 def serve_and_load_test() -> dict:
     """Serve the model with batching; benchmark the same 8 prompts one at a time and 8 at a time."""
-    server = serving.serve(port=serving.free_port(), extra_args=list(q.CPU_BATCHING_ARGS))
+    server = serving.serve(port=serving.free_port(), extra_args=list(serving.CPU_BATCHING_ARGS))
     api = serving.client(server)
     prompts = [f"Write one sentence about the number {i}." for i in range(8)]
-    load = [q.benchmark_concurrency(api, server.model, prompts, concurrency=c, max_tokens=24) for c in (1, 8)]
+    load = [serving.benchmark_concurrency(api, server.model, prompts, concurrency=c, max_tokens=24) for c in (1, 8)]
     for run in load:
         print(f"concurrency {run['concurrency']}: {run['throughput_tok_s']:.0f} tok/s, "
               f"mean latency {run['latency_mean_s']:.2f} s")

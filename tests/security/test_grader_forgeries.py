@@ -76,6 +76,7 @@ def test_stored_outputs_after_a_crash_are_not_read(tmp_path):
     assert table.detail.str.contains("stopped before its check").all()
 
 
+@pytest.mark.slow
 def test_stored_outputs_after_a_timeout_are_not_read(tmp_path):
     loop = "while True:\n    pass\n"
     table = grade(submission(tmp_path, {"L1.env": loop}, forged_outputs=True), tmp_path, timeout=15)
@@ -83,6 +84,7 @@ def test_stored_outputs_after_a_timeout_are_not_read(tmp_path):
     assert table.detail.str.contains("per-cell limit").all()
 
 
+@pytest.mark.slow
 def test_the_notebook_time_limit_holds(tmp_path):
     """Many cells that each stay under the per-cell limit still stop at the notebook's limit."""
     slow = "import time\ntime.sleep(8)\nreport = None\n"

@@ -9,7 +9,8 @@ from simenv import ROOT
 
 
 def test_the_profile_finds_the_share_models(chat_dir):
-    from course_utils.env import doctor, profile
+    from course_utils.env import profile
+    from course_utils.models import doctor
     from course_utils.models import default_name, embedding_path, resolve
 
     assert profile() == "internstudio" and default_name() == "internlm2_5-1_8b-chat"
@@ -87,7 +88,8 @@ def test_lora_training_with_the_evaluation_hook(trained):
 def test_merge_save_and_reload(trained, tmp_path):
     from peft import PeftModel
 
-    from course_utils.finetune import merge_adapter, reply
+    from course_utils.finetune import merge_adapter
+    from course_utils.models import reply
     from course_utils.models import load_model
 
     _, result = trained

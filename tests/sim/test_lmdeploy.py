@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from course_utils import CourseError
+from course_utils import lmdeploy_awq as la
 from course_utils import lmdeploy_lite as ll
 from course_utils import serving
 
@@ -64,8 +65,8 @@ def test_serve_passes_an_absolute_model_path(tmp_path, monkeypatch):
 
 
 def test_auto_awq_command_means_the_job():
-    job = ll.AwqJob(model="/share/m", work_dir="/tmp/w4", w_group_size=64, search_scale=True, dtype="float16")
-    args = parse(ll.auto_awq_cli(job))
+    job = la.AwqJob(model="/share/m", work_dir="/tmp/w4", w_group_size=64, search_scale=True, dtype="float16")
+    args = parse(la.auto_awq_cli(job))
     assert args.run.__qualname__ == "SubCliLite.auto_awq"
     assert (args.model, args.work_dir, args.w_group_size, args.w_bits, args.search_scale) == ("/share/m", "/tmp/w4", 64, 4, True)
     assert (args.calib_samples, args.calib_seqlen, args.batch_size, args.dtype, args.device) == (128, 2048, 1, "float16", "cuda")
@@ -170,9 +171,9 @@ def test_auto_awq_runs_on_the_cpu_with_local_calibration(chat_dir, chat_model, t
 
     from course_utils.quantize import quantize_w4a16
 
-    job = ll.AwqJob(model=str(chat_dir), work_dir=str(tmp_path / "w4"), calib_file=str(ROOT / "data/ppl/calib.txt"),
+    job = la.AwqJob(model=str(chat_dir), work_dir=str(tmp_path / "w4"), calib_file=str(ROOT / "data/ppl/calib.txt"),
                     calib_samples=4, calib_seqlen=128, device="cpu")
-    out = ll.run_auto_awq(job)  # LMDeploy's own calibrate + smooth + pack, fed by local_calib_loader
+    out = la.run_auto_awq(job)  # LMDeploy's own calibrate + smooth + pack, fed by local_calib_loader
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"] == {"quant_method": "awq", "version": "gemm", "bits": 4,
                                              "group_size": 128, "zero_point": True}

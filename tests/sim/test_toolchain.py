@@ -22,7 +22,7 @@ def run(cmd: list, cwd: Path, timeout: int = 600) -> str:
 
 @pytest.mark.parametrize("mode", ["gen", "ppl"])
 def test_opencompass_runs_the_exported_config_on_four_questions(chat_dir, tmp_path, mode):
-    from course_utils.eval_data import export_opencompass_config
+    from course_utils.evaluate import export_opencompass_config
 
     config = tmp_path / f"eval_{mode}.py"
     command = export_opencompass_config(["internlm2_5-1_8b-chat"], ["course_en"], config, mode=mode,
@@ -44,7 +44,8 @@ def test_opencompass_runs_the_exported_config_on_four_questions(chat_dir, tmp_pa
 def test_xtuner_trains_converts_merges_and_chats_from_the_exported_config(chat_dir, tmp_path):
     from peft import PeftModel
 
-    from course_utils.finetune import FinetuneConfig, export_xtuner_config, reply, xtuner_chat_reply
+    from course_utils.finetune import FinetuneConfig, export_xtuner_config, xtuner_chat_reply
+    from course_utils.models import reply
     from course_utils.models import load_model
     from course_utils.sft_data import make_identity_dataset
 
