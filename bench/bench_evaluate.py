@@ -3,6 +3,9 @@
 Compares the ppl inferencer's two batching strategies (left padding with a shared, cached prompt vs
 right-padded full sequences) for letter and option-text answers, and the gen inferencer, on the
 same slice of ``course_en``. Usage: ``python bench/bench_evaluate.py [N_QUESTIONS]`` (default 16).
+
+``--formulations``: accuracy of each formulation (ppl letter / text / cloze acc / cloze acc_norm, gen) on the
+whole ``course_en`` and on ``heldout_en`` (written after the formulations were fixed), next to chance.
 """
 
 from __future__ import annotations
@@ -40,5 +43,31 @@ def main(n: int = 16) -> None:
     print(pd.DataFrame(rows).to_string(index=False))
 
 
+def formulations() -> None:
+    import pandas as pd
+
+    from course_utils.compat import quiet_libraries
+    from course_utils.evaluate import OPTIONS, evaluate, load_lm
+
+    quiet_libraries()
+    lm = load_lm(None)
+    kinds = {"ppl letter": dict(mode="ppl"), "ppl text": dict(mode="ppl", target="text"),
+             "ppl cloze (acc)": dict(mode="ppl", target="cloze"),
+             "ppl cloze (acc_norm)": dict(mode="ppl", target="cloze_norm"), "gen": dict(mode="gen", max_out_len=24)}
+    table = {}
+    with tempfile.TemporaryDirectory() as out:
+        for dataset in ("course_en", "heldout_en"):
+            results = {name: evaluate(lm, dataset, out_dir=out, progress=False, **kw) for name, kw in kinds.items()}
+            n = next(iter(results.values())).num_questions
+            table[f"{dataset} ({n} q)"] = {name: r.accuracy for name, r in results.items()}
+    frame = pd.DataFrame(table)
+    frame.loc["chance"] = 100 / len(OPTIONS)
+    print(f"model {lm.abbr}, accuracy (%), zero-shot, plain prompt for ppl, chat template for gen")
+    print(frame.round(2).to_string())
+
+
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 16)
+    if "--formulations" in sys.argv:
+        formulations()
+    else:
+        main(int(sys.argv[1]) if len(sys.argv) > 1 else 16)

@@ -1,9 +1,11 @@
 """Lesson 5 benchmark: W4A16 (RTN/AWQ), KV-cache int8/int4, perplexity, tokens/s, serving load test.
 
     .venv/bin/python bench/bench_quantize.py [--out FILE.md] [--new-tokens 64] [--no-serve]
+    .venv/bin/python bench/bench_quantize.py --awq-ablation [--out FILE.md]
 
 Prints a markdown report (and writes it to --out). Timings depend on the machine's load: the
-report starts with the load average and torch's thread count.
+report starts with the load average and torch's thread count. ``--awq-ablation`` measures only
+what each of the AWQ paper's search details adds (issue 17), at group sizes 64 and 128.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import copy
 import os
 import platform
+import sys
 import time
 
 
@@ -54,6 +57,37 @@ def variant_rows(model, tokenizer, texts, calib, new_tokens: int):
                   "AWQ quantize, 20 alphas x 512 tokens (s)": round(t_awq, 1)}
 
 
+# Each AWQ row adds one of the paper's search details to the row above it.
+AWQ_STEPS = [("AWQ (old)", {}), ("+ groups", {"group_scales": True}),
+             ("+ clip", {"group_scales": True, "search_clip": True}),
+             ("+ sequential", {"group_scales": True, "search_clip": True, "sequential": True})]
+
+
+def awq_ablation_rows(model, tokenizer, texts, calib, group_size: int, calib_tokens: int = 512) -> list[dict]:
+    """bf16, RTN and AWQ with each search detail added in turn: perplexity, gap closed, bytes, seconds."""
+    import torch
+
+    from course_utils import quantize as q
+
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    fp16_bytes, ppl_bf16 = q.weight_bytes(bf16), q.perplexity(bf16, tokenizer, texts)
+    rows = [{"variant": "bf16", "perplexity": ppl_bf16, "weights / fp16": 1.0, "seconds": 0.0}]
+    plan = [("RTN", "rtn", {})] + [(name, "awq", opts) for name, opts in AWQ_STEPS]
+    for name, method, opts in plan:
+        start = time.perf_counter()
+        m = q.quantize_w4a16(copy.deepcopy(model), method, group_size, calib if method == "awq" else None,
+                             tokenizer=tokenizer, progress=False, max_calib_tokens=calib_tokens,
+                             **{"group_scales": False, "search_clip": False, "sequential": False, **opts})
+        seconds = time.perf_counter() - start
+        rows.append({"variant": name, "perplexity": q.perplexity(m, tokenizer, texts),
+                     "weights / fp16": q.weight_bytes(m) / fp16_bytes, "seconds": seconds})
+        print(f"g{group_size} {rows[-1]} load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
+    ppl_rtn = rows[1]["perplexity"]
+    for row in rows:  # the share of RTN's perplexity gap to bf16 that a variant closes
+        row["gap closed %"] = 100 * (ppl_rtn - row["perplexity"]) / (ppl_rtn - ppl_bf16)
+    return [{"group": group_size, **row} for row in rows]
+
+
 def serving_rows(max_tokens: int = 32) -> list[dict]:
     """8 requests one at a time and 8 at once, with and without continuous batching."""
     from course_utils import serving
@@ -71,12 +105,31 @@ def serving_rows(max_tokens: int = 32) -> list[dict]:
     return rows
 
 
+def awq_ablation_report(model, tokenizer, texts, calib, groups=(64, 128),
+                        calib_tokens: int = 512) -> list[str]:
+    """The ablation table for the group sizes, as markdown lines (load average at the end)."""
+    import pandas as pd
+
+    rows = [r for g in groups for r in awq_ablation_rows(model, tokenizer, texts, calib, g, calib_tokens)]
+    df = pd.DataFrame(rows)[["group", "variant", "perplexity", "gap closed %", "weights / fp16", "seconds"]]
+    df = df.round({"perplexity": 2, "gap closed %": 1, "weights / fp16": 3, "seconds": 1})
+    title = f"## AWQ search details, perplexity on held-out text (data/ppl/calib, {calib_tokens} tokens per layer)"
+    return [title, "", markdown(df, index=False), "",
+            f"1-minute load average after the run: {os.getloadavg()[0]:.2f}", ""]
+
+
 def main(argv=None) -> str:
     """Run the benchmark and return (and optionally write) the markdown report."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="also write the markdown report to this file")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--no-serve", action="store_true", help="skip the transformers serve load test")
+    parser.add_argument("--awq-ablation", action="store_true",
+                        help="only the AWQ search details side by side (bf16, RTN, AWQ + each step)")
+    parser.add_argument("--groups", type=int, nargs="+", default=[64, 128],
+                        help="group sizes of --awq-ablation")
+    parser.add_argument("--calib-tokens", type=int, default=512,
+                        help="calibration rows per layer in --awq-ablation")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -96,10 +149,13 @@ def main(argv=None) -> str:
              f"load average {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f})", ""]
     model, tokenizer = load_model("smollm2-135m-instruct")
     texts, calib = q.load_texts("heldout"), q.load_texts("calib")
-    rows, timings = variant_rows(model, tokenizer, texts, calib, args.new_tokens)
-    table = tradeoff_table(rows)
-    lines += [markdown(table), "", f"Quantization time: {timings}", ""]
-    if not args.no_serve:
+    if args.awq_ablation:
+        lines += awq_ablation_report(model, tokenizer, texts, calib, args.groups, args.calib_tokens)
+    else:
+        rows, timings = variant_rows(model, tokenizer, texts, calib, args.new_tokens)
+        table = tradeoff_table(rows)
+        lines += [markdown(table), "", f"Quantization time: {timings}", ""]
+    if not args.no_serve and not args.awq_ablation:
         serve = pd.DataFrame(serving_rows()).round(2)
         lines += ["## transformers serve, 8 requests x 32 tokens", "", markdown(serve, index=False), ""]
     report = "\n".join(lines)

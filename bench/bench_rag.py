@@ -1,6 +1,7 @@
-"""Lesson 3 benchmark: index-build throughput next to raw embedding throughput, and query latency.
+"""Lesson 3 benchmark: index-build throughput next to raw embedding throughput, query latency, retrieval modes.
 
-    .venv/bin/python bench/bench_rag.py            # throughput and latency (about a minute on 2 cores)
+    .venv/bin/python bench/bench_rag.py            # throughput, latency, and dense / BM25 / hybrid retrieval on
+                                                   # the tuned and the held-out question sets (about a minute)
     .venv/bin/python bench/bench_rag.py --tune     # also the chunking x retrieval grid (hit@k, MRR),
                                                    # saved to data/rag_eval/tuning_<profile>.json for lesson 3
 
@@ -28,6 +29,8 @@ from course_utils.paths import DATA_DIR  # noqa: E402
 GRID_SPLITS = [rag.SplitConfig(300, 50), rag.SplitConfig(500, 150), rag.SplitConfig(800, 150),
                rag.SplitConfig(300, 50, False), rag.SplitConfig(500, 150, False), rag.SplitConfig(800, 150, False)]
 GRID_RETRIEVAL = [{"k": 1}, {"k": 3}, {"k": 4}, {"k": 5}, {"k": 4, "mmr": True}, {"k": 5, "mmr": True}]
+# The set the chunking was tuned on, and one written afterwards from the pages alone (never used for tuning).
+QUESTION_SETS = {"tuned": None, "held-out": DATA_DIR / "rag_eval" / "heldout_questions_en.jsonl"}
 
 
 def load() -> str:
@@ -84,6 +87,19 @@ def tune(kb: Path, embeddings, qa) -> list[dict]:
     return rows
 
 
+def compare_modes(store, sets: dict[str, list[dict]]) -> list[dict]:
+    """hit@1, hit@3, hit@4 and MRR (within the top 4) of every retrieval mode on every question set."""
+    rows = []
+    for mode in rag.RETRIEVAL_MODES:
+        row = {"mode": mode}
+        for name, qa in sets.items():
+            report = rag.evaluate_retrieval(store, qa, k=4, mode=mode)
+            row |= {f"{name} hit@1": report.hit_at(1), f"{name} hit@3": report.hit_at(3),
+                    f"{name} hit@4": report.hit_rate, f"{name} MRR": report.mrr}
+        rows.append({key: f"{value:.3f}" if isinstance(value, float) else value for key, value in row.items()})
+    return rows
+
+
 def save_tuning(rows: list[dict], path: Path, n_questions: int) -> None:
     """The grid as JSON: lesson 3 renders its tuning table from this file instead of typing the numbers."""
     from course_utils.models import default_name, spec
@@ -116,9 +132,14 @@ def main() -> None:
         store, _ = rag.build_vectorstore(args.kb, tmp, embeddings=embeddings, progress=False)
         lat = latency(store, [item["question"] for item in qa])
         report = rag.evaluate_retrieval(store, qa, k=4)
+        sets = {name: rag.load_eval_set(path) if path else qa for name, path in QUESTION_SETS.items()}
+        modes = compare_modes(store, sets)
     print(f"query latency       : median {lat['median']:.1f} ms, p95 {lat['p95']:.1f} ms "
           f"(search alone {lat['search_median']:.1f} ms), {len(qa)} questions")
     print(f"retrieval (defaults): {report}")
+    sizes = ", ".join(f"{name} {len(items)}" for name, items in sets.items())
+    print(f"retrieval modes (default split, k=4; questions: {sizes}; default mode {rag.DEFAULT_MODE!r}):")
+    print(rag.markdown_table(modes))
     print(f"after: {load()}")
 
     if args.tune:

@@ -20,7 +20,7 @@ from .errors import CourseError, is_whole
 from .paths import DATA_DIR, REPO_ROOT
 
 __all__ = [  # the public API, re-exported by course_utils.evaluate (tests/test_lesson_modules.py keeps them equal)
-    "ANSWER_CUE", "ASK_LETTER", "EVAL_DIR", "HEADERS", "OPTIONS", "PREDICTION_KEYS", "PROMPT_VERSION", "READER_KEYS",
+    "ANSWER_CUE", "ASK_LETTER", "CLOZE_QUESTION", "EVAL_DIR", "HEADERS", "OPTIONS", "PREDICTION_KEYS", "PROMPT_VERSION", "READER_KEYS",
     "EvalDataset", "ReaderConfig", "answer_text", "build_messages", "check_shots", "disagreements", "extract_choice",
     "format_question", "list_datasets", "load_dataset", "load_predictions", "locate_dataset", "parse_range",
     "plot_comparison", "prompt_version", "read_predictions", "render_plain", "summarize", "summary_table"]
@@ -326,8 +326,13 @@ ASK_LETTER = {  # added for gen mode, so the model replies with a letter a regex
 ANSWER_CUE = {"en": "Answer:", "zh": "答案："}
 
 
-def format_question(record: dict, language: str = "en") -> str:
-    """The question with its lettered options, as the model reads it."""
+CLOZE_QUESTION = {"en": "Question: {question}", "zh": "问题：{question}"}  # the cloze prompt: no options listed
+
+
+def format_question(record: dict, language: str = "en", *, cloze: bool = False) -> str:
+    """The question with its lettered options, as the model reads it; ``cloze``: the question alone."""
+    if cloze:
+        return CLOZE_QUESTION[language].format(question=record["question"])
     lines = [record["question"], *(f"{o}. {record[o]}" for o in OPTIONS)]
     return "\n".join(lines)
 
@@ -337,21 +342,26 @@ def answer_text(letter: str, language: str, style: str) -> str:
     return f" {letter}" if style == "plain" and language == "en" else letter
 
 
-def build_messages(record: dict, dataset: EvalDataset, *, shots: int = 0, mode: str = "ppl") -> list[dict]:
-    """Chat messages for one question: k dev examples as earlier turns, then the question."""
+def build_messages(record: dict, dataset: EvalDataset, *, shots: int = 0, mode: str = "ppl",
+                   cloze: bool = False) -> list[dict]:
+    """Chat messages for one question: k dev examples as earlier turns, then the question.
+
+    ``cloze`` (ppl only): no header and no option list; a dev example's answer is its option's text.
+    """
     shots = check_shots(shots, dataset)
     lang = dataset.language
     subject = dataset.subjects.get(record["category"], record["category"].replace("_", " "))
-    header = HEADERS[lang].format(subject=subject)
+    header = "" if cloze else HEADERS[lang].format(subject=subject)
     if mode == "gen":
         header += " " + ASK_LETTER[lang] if lang == "en" else ASK_LETTER[lang]
+    key = dataset.reader.output_column
     messages = []
     for i, example in enumerate(dataset.dev[:shots]):
-        text = format_question(example, lang)
-        messages += [{"role": "user", "content": f"{header}\n\n{text}" if i == 0 else text},
-                     {"role": "assistant", "content": example[dataset.reader.output_column]}]
-    text = format_question(record, lang)
-    messages.append({"role": "user", "content": text if shots else f"{header}\n\n{text}"})
+        text = format_question(example, lang, cloze=cloze)
+        messages += [{"role": "user", "content": f"{header}\n\n{text}" if i == 0 and header else text},
+                     {"role": "assistant", "content": str(example[example[key]]) if cloze else example[key]}]
+    text = format_question(record, lang, cloze=cloze)
+    messages.append({"role": "user", "content": f"{header}\n\n{text}" if header and not shots else text})
     return messages
 
 

@@ -331,18 +331,35 @@ def _record_row(record: dict, data: EvalDataset, prediction, version: str, promp
             "version": version, **extra}
 
 
+TARGETS = {  # what a ppl run scores after the prompt, and how an option's log-likelihood is normalised
+    "letter": "the option letter after the listed options (C-Eval's ppl configs)",
+    "text": "each option's text after the listed options, per token",
+    "cloze": "each option's text after the question alone, summed (lm-eval's acc)",
+    "cloze_norm": "each option's text after the question alone, per byte (lm-eval's acc_norm)",
+}
+
+
 def predict_ppl(lm, data: EvalDataset, records: list[dict], *, shots: int, style: str, version: str,
                 target: str = "letter"):
     """PPL inferencer: score each option's answer after the prompt; the most likely option wins.
 
-    ``target="letter"`` scores " A".." D" (C-Eval's ppl configs); ``"text"`` scores each option's
-    own words, averaged per token so long options are not penalised (ARC/HellaSwag style).
+    ``target`` (see ``TARGETS``): "letter" scores " A".." D" after a prompt that lists the options;
+    "text" scores each option's own words there, averaged per token. "cloze" and "cloze_norm" drop the
+    option list, the formulation lm-evaluation-harness and OLMES use for small models: the option's
+    text is the continuation of the question, scored by its total log-likelihood or per byte.
     """
-    prompts = [lm.render(build_messages(r, data, shots=shots, mode="ppl"), style, data.language)
+    cloze = target in ("cloze", "cloze_norm")
+    prompts = [lm.render(build_messages(r, data, shots=shots, mode="ppl", cloze=cloze), style, data.language)
                for r in records]
     pairs = [(p, answer_text(o if target == "letter" else str(r[o]), data.language, style))
              for r, p in zip(records, prompts) for o in OPTIONS]
-    scores = [total / max(n, 1) for total, n in lm.loglikelihood(pairs, style=style)]
+    scored = lm.loglikelihood(pairs, style=style)
+    if target == "cloze":
+        scores = [total for total, _ in scored]
+    elif target == "cloze_norm":
+        scores = [total / len(cont.encode("utf-8")) for (total, _), (_, cont) in zip(scored, pairs)]
+    else:
+        scores = [total / max(n, 1) for total, n in scored]
     rows = []
     for i, (record, prompt) in enumerate(zip(records, prompts)):
         by_option = dict(zip(OPTIONS, scores[i * len(OPTIONS):(i + 1) * len(OPTIONS)]))
@@ -395,7 +412,7 @@ class EvalResult:
 
 def task_name(dataset: str, mode: str, shots: int, target: str = "letter") -> str:
     """The file stem for one evaluation, e.g. ``course_en_ppl_5shot`` or ``course_en_ppl_text``."""
-    return (f"{dataset}_{mode}" + ("_text" if mode == "ppl" and target == "text" else "")
+    return (f"{dataset}_{mode}" + (f"_{target}" if mode == "ppl" and target != "letter" else "")
             + (f"_{shots}shot" if shots else ""))
 
 
@@ -501,7 +518,7 @@ def evaluate(model, dataset, *, mode: str = "ppl", shots: int = 0, style: str | 
     ``model``: a registry name, a folder, ``(model, tokenizer)``, an endpoint URL, a ``serving``
     server or a ``load_lm`` result. ``dataset``: a name under ``data/eval/`` or a JSONL path.
     ``style``: "chat" (the model's chat template) or "plain" (a completion prompt); by default
-    plain for ppl and chat for gen. ``target`` (ppl): score the option "letter" or its "text".
+    plain for ppl and chat for gen. ``target`` (ppl): "letter", "text", "cloze" or "cloze_norm" (``TARGETS``).
     ``reuse=True`` reads stored predictions from ``out_dir`` (default:
     the latest run) and only runs the model for questions that have none. A last line that a
     stopped run left half-written counts as none; a damaged line elsewhere is an error.
@@ -509,9 +526,9 @@ def evaluate(model, dataset, *, mode: str = "ppl", shots: int = 0, style: str | 
     if mode not in MODES:
         raise CourseError(f"mode={mode!r}: use 'ppl' (score the options) or 'gen' (generate, then extract).")
     style = style or ("plain" if mode == "ppl" else "chat")
-    if style not in ("chat", "plain") or target not in ("letter", "text"):
-        raise CourseError(f"style={style!r}, target={target!r}: style is 'chat' or 'plain', "
-                          "target is 'letter' or 'text'.")
+    if style not in ("chat", "plain") or target not in TARGETS or (mode == "gen" and target != "letter"):
+        raise CourseError(f"style={style!r}, target={target!r}: style is 'chat' or 'plain'; target (ppl only) "
+                          f"is one of {', '.join(map(repr, TARGETS))}.")
     _check_arguments(reuse=reuse, abbr=abbr, batch_size=batch_size, max_out_len=max_out_len,
                      padding_side=padding_side)
     data = load_dataset(dataset, test_range=test_range)

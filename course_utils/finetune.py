@@ -62,14 +62,16 @@ class FinetuneConfig:
     lora_dropout: float = 0.0
     lora_targets: str | list[str] = "all-linear"  # XTuner's default: every linear layer
     # PART 3 dataset & dataloader
-    max_length: int = 64  # tokens per row; longer conversations are cut
+    max_length: int = 128  # tokens per row, longer ones cut (a batch pads only to its longest row)
     pack_to_max_length: bool = False  # concatenate short examples into max_length rows
     batch_size: int = 4  # rows per step and device
     # PART 4 scheduler & optimizer
     accumulative_counts: int = 1  # gradient accumulation: optimizer step every N batches
-    max_epochs: float = 3
+    # 2 epochs at lr 2.5e-3 (6 steps on the identity data): the exact reply for every name measured,
+    # in two-thirds of the steps of 3 epochs at 1e-3; 3e-3 leaks it into other answers (issue 17)
+    max_epochs: float = 2
     max_steps: int | None = None  # when set, overrides max_epochs (optimizer steps)
-    lr: float = 1e-3
+    lr: float = 2.5e-3
     weight_decay: float = 0.0
     max_norm: float = 1.0  # gradient clipping
     warmup_ratio: float = 0.0  # linear warm-up share, then cosine decay

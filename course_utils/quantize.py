@@ -15,6 +15,7 @@ function here takes any ``group_size`` and handles a short last group.
 from __future__ import annotations
 
 import math
+import re
 import time
 from pathlib import Path
 
@@ -44,9 +45,13 @@ def n_groups(in_features: int, group_size: int) -> int:
     return math.ceil(in_features / group_size)
 
 
-def _per_column(stat, in_features: int, group_size: int):
-    """Expand a per-group statistic (out, groups) to one value per column (out, in)."""
-    return stat.repeat_interleave(group_size, dim=1)[:, :in_features]
+def grouped(weight, group_size: int = GROUP_SIZE):
+    """(out, in) -> (out, groups, group_size); a ragged last group is padded with copies of its own
+    last column, so its min and max stay the same."""
+    out_f, in_f = weight.shape
+    pad = n_groups(in_f, group_size) * group_size - in_f
+    padded = torch.cat([weight, weight[:, -1:].expand(-1, pad)], 1) if pad else weight
+    return padded.reshape(out_f, -1, group_size)
 
 
 def quantize_groups(weight, group_size: int = GROUP_SIZE):
@@ -58,17 +63,14 @@ def quantize_groups(weight, group_size: int = GROUP_SIZE):
     """
     w = weight.detach().float()
     out_f, in_f = w.shape
-    g = n_groups(in_f, group_size)
-    pad = g * group_size - in_f
-    # Pad a ragged last group with copies of its own last column: min and max stay the same.
-    padded = torch.cat([w, w[:, -1:].expand(-1, pad)], 1) if pad else w
-    groups = padded.view(out_f, g, group_size)  # (out, groups, group_size)
+    groups = grouped(w, group_size)  # (out, groups, group_size)
     wmin = groups.amin(-1).clamp(max=0)  # keep 0 representable, as AWQ/LMDeploy do
     wmax = groups.amax(-1).clamp(min=0)
     scales = ((wmax - wmin) / MAX_CODE).clamp(min=1e-6).half()
     zeros = torch.round(-wmin / scales.float()).clamp(0, MAX_CODE).half()
-    s, z = _per_column(scales.float(), in_f, group_size), _per_column(zeros.float(), in_f, group_size)
-    codes = torch.round(w / s + z).clamp(0, MAX_CODE).to(torch.uint8)
+    # Broadcasting one scale over its group is much faster than repeating it per column.
+    codes = torch.round(groups / scales.float()[..., None] + zeros.float()[..., None])
+    codes = codes.clamp(0, MAX_CODE).to(torch.uint8).view(out_f, -1)[:, :in_f]
     return codes, scales, zeros
 
 
@@ -154,11 +156,14 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
 
     @classmethod
-    def from_weight(cls, weight, group_size=GROUP_SIZE, scale=None, bias=None):
-        """Quantize a float weight (out, in); ``scale`` (in,) is AWQ's per-channel ``s``."""
+    def from_weight(cls, weight, group_size=GROUP_SIZE, scale=None, bias=None, clip=None):
+        """Quantize a float weight (out, in); ``scale`` (in,) is AWQ's per-channel ``s``,
+        ``clip`` (out, groups) its per-group range ratio (see :func:`awq_search_clip`)."""
         w = weight.detach().float()
         if scale is not None:
             w = w * scale.float()
+        if clip is not None:
+            w = clip_groups(w, clip, group_size)
         codes, scales, zeros = quantize_groups(w, group_size)
         inv = (1.0 / scale.float()).half() if scale is not None else None
         return cls(w.shape[1], w.shape[0], group_size, pack_int4(codes), scales, zeros, inv, bias)
@@ -211,6 +216,17 @@ class QuantEmbedding(nn.Module):
 # AWQ: activation-aware per-channel scales
 # --------------------------------------------------------------------------------------------
 
+# Projections of one decoder block that read the same tensor: q/k/v read the attention norm's
+# output, gate/up the MLP norm's. Real AWQ folds 1/s into that one norm, so they must share s.
+SHARED_INPUT = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in",
+                "gate_proj": "mlp_in", "up_proj": "mlp_in", "w1": "mlp_in", "w3": "mlp_in"}
+CLIP_RATIOS = tuple(1 - i / 20 for i in range(10))  # AutoAWQ's auto_clip: 1.0 down to 0.55, step 0.05
+# AutoAWQ leaves q and k unclipped: attention scores amplify their errors (its own comment).
+NO_CLIP = ("q_proj", "k_proj", "wqkv")
+# Which refinements of the AWQ search quantize_w4a16(method="awq") uses unless told otherwise.
+AWQ_DEFAULTS = {"group_scales": False, "search_clip": False, "sequential": False}
+
+
 def load_texts(name: str = "heldout") -> list[str]:
     """Paragraphs of ``data/ppl/<name>.txt`` (held-out text for perplexity, ``calib`` for AWQ)."""
     path = Path(name) if Path(name).suffix else DATA_DIR / "ppl" / f"{name}.txt"
@@ -233,12 +249,30 @@ def target_linears(model, include_lm_head: bool = False) -> dict:
     return found
 
 
+def input_groups(names) -> list[list[str]]:
+    """Layer names grouped by the input they share: [q, k, v], [o], [gate, up], [down] per block."""
+    groups: dict[tuple, list] = {}
+    for name in names:
+        parent, _, leaf = name.rpartition(".")
+        groups.setdefault((parent, SHARED_INPUT.get(leaf, leaf)), []).append(name)
+    return list(groups.values())
+
+
+def decoder_blocks(names) -> list[list[str]]:
+    """Layer names grouped by decoder block (``model.layers.7.*``), in model order; lm_head alone."""
+    blocks: dict[str, list] = {}
+    for name in names:
+        match = re.match(r"(.*?\.\d+)\.", name)
+        blocks.setdefault(match.group(1) if match else name, []).append(name)
+    return list(blocks.values())
+
+
 def collect_inputs(model, tokenizer, texts: list[str], layers: dict, *, max_tokens: int = 512,
                    seq_len: int = 256) -> dict:
     """Run the calibration texts once and keep each layer's inputs: {name: (tokens, in_features)}.
 
     At most ``max_tokens`` rows per layer are kept (evenly spaced), which bounds memory and the
-    cost of the AWQ search.
+    cost of the AWQ search. The model runs as it is now: layers already quantized stay quantized.
     """
     if not texts:
         raise CourseError("AWQ needs calibration text: pass calib_texts=load_texts('calib').")
@@ -262,35 +296,93 @@ def collect_inputs(model, tokenizer, texts: list[str], layers: dict, *, max_toke
     return out
 
 
-def layer_output_mse(weight, x, scale=None, group_size: int = GROUP_SIZE) -> float:
+def clip_groups(weight, ratio, group_size: int = GROUP_SIZE):
+    """Shrink each group's [min, max] range to ``ratio`` (out, groups) of itself and clamp the weight into it.
+
+    Clipping a few outliers makes the 4-bit step of the whole group finer: AWQ's "auto_clip".
+    """
+    groups = grouped(weight, group_size)  # (out, groups, group_size)
+    ratio = torch.as_tensor(ratio, dtype=groups.dtype)[..., None]
+    lo = groups.amin(-1, keepdim=True).clamp(max=0) * ratio  # the range RTN maps, 0 included
+    hi = groups.amax(-1, keepdim=True).clamp(min=0) * ratio
+    return torch.maximum(torch.minimum(groups, hi), lo).view(weight.shape[0], -1)[:, :weight.shape[1]]
+
+
+def fake_quantize(weight, group_size: int = GROUP_SIZE, scale=None, clip=None):
+    """The float weight a :class:`QuantLinear` built with ``scale`` and ``clip`` computes with."""
+    w = weight.detach().float()
+    w = w * scale if scale is not None else w
+    w = clip_groups(w, clip, group_size) if clip is not None else w
+    wq = dequantize_groups(*quantize_groups(w, group_size), group_size)
+    return wq * (1.0 / scale).half().float() if scale is not None else wq  # the fp16 1/s it stores
+
+
+def layer_output_mse(weight, x, scale=None, group_size: int = GROUP_SIZE, clip=None) -> float:
     """Mean squared error of ``x @ W.T`` after quantizing ``W * scale`` (scale None = plain RTN)."""
     w = weight.detach().float()
-    ws = w * scale if scale is not None else w
-    codes, scales, zeros = quantize_groups(ws, group_size)
-    wq = dequantize_groups(codes, scales, zeros, group_size)
-    if scale is not None:
-        wq = wq * (1.0 / scale).half().float()  # exactly the fp16 1/s that QuantLinear stores
-    return float((x @ (w - wq).T).pow(2).mean())
+    return float((x @ (w - fake_quantize(w, group_size, scale, clip)).T).pow(2).mean())
+
+
+def group_output_mse(weights, x, scale=None, group_size: int = GROUP_SIZE) -> float:
+    """The output MSE of layers reading the same ``x``, their outputs taken as one (q, k, v -> qkv)."""
+    rows = [w.shape[0] for w in weights]
+    losses = [layer_output_mse(w, x, scale, group_size) for w in weights]
+    return sum(loss * r for loss, r in zip(losses, rows)) / sum(rows)
 
 
 def awq_search_scale(weight, x, group_size: int = GROUP_SIZE, n_grid: int = 20):
     """AWQ's grid search: ``s = mean|x| ** alpha`` per input channel, alpha in [0, 1).
 
+    ``weight`` is one weight, or a list of the weights that read the same ``x`` (q/k/v): they
+    then get one scale, the one that minimizes the error of their outputs together.
     Returns (best scale or None, best alpha, best loss, RTN loss). alpha = 0 gives s = 1, which
     is exactly RTN, so AWQ's calibration loss is never worse than RTN's.
     """
+    weights = weight if isinstance(weight, (list, tuple)) else [weight]
     act = x.abs().mean(0).clamp(min=1e-5)  # (in,) how strongly each input channel fires
-    rtn = layer_output_mse(weight, x, None, group_size)
+    rtn = group_output_mse(weights, x, None, group_size)
     best = (None, 0.0, rtn)
     for i in range(1, n_grid):
         alpha = i / n_grid
         s = act.pow(alpha)
         s = s / (s.max() * s.min()).sqrt()  # centre the scales around 1, as AWQ does
         s = s.half().float()  # the 1/s we store is fp16; search with what will be stored
-        loss = layer_output_mse(weight, x, s, group_size)
+        loss = group_output_mse(weights, x, s, group_size)
         if loss < best[2]:
             best = (s, alpha, loss)
     return (*best, rtn)
+
+
+def group_output_errors(weight, wq, x, group_size: int = GROUP_SIZE):
+    """Each group's share of the output error, ``mean_t (x_g . (w_g - wq_g))^2``: (out, groups).
+
+    With ``d`` the error of one row's group and ``G = x_g.T @ x_g / tokens`` the group's Gram
+    matrix, that mean is ``d @ G @ d``: far cheaper than multiplying every token again.
+    """
+    in_f = weight.shape[1]
+    pad = n_groups(in_f, group_size) * group_size - in_f  # zeros: a ragged group's padding adds nothing
+    xg = F.pad(x, (0, pad)).view(len(x), -1, group_size)  # (tokens, groups, size)
+    gram = torch.einsum("tgk,tgl->gkl", xg, xg) / len(x)
+    d = F.pad(weight - wq, (0, pad)).view(len(weight), -1, group_size)  # (out, groups, size)
+    return (torch.einsum("ogk,gkl->ogl", d, gram) * d).sum(-1)
+
+
+def awq_search_clip(weight, x, scale=None, group_size: int = GROUP_SIZE, ratios=CLIP_RATIOS):
+    """AWQ's clipping search (AutoAWQ ``auto_clip``), after scaling: per row and group, the range
+    ratio in ``ratios`` whose quantized group gives the least output error on ``x``.
+
+    Returns (ratio (out, groups) or None, loss, loss without clipping). Each group is judged on
+    its own share of the output; the cross terms between groups can still add up, so the whole
+    layer is checked at the end and clipping is dropped if it did not help.
+    """
+    w = weight.detach().float()
+    ws, xs = (w * scale, x * (1.0 / scale).half().float()) if scale is not None else (w, x)
+    errors = torch.stack([group_output_errors(ws, fake_quantize(ws, group_size, clip=r), xs, group_size)
+                          for r in ratios])  # (ratios, out, groups)
+    ratio = torch.tensor(ratios)[errors.argmin(0)]
+    base = layer_output_mse(w, x, scale, group_size)
+    loss = layer_output_mse(w, x, scale, group_size, clip=ratio)
+    return (ratio, loss, base) if loss < base else (None, base, base)
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,9 +405,32 @@ def _cast_rest(model, dtype) -> None:
     model.config.dtype = dtype
 
 
+def awq_layer_plan(layers: dict, inputs: dict, group_size: int, n_grid: int, *,
+                   group_scales: bool, search_clip: bool) -> dict:
+    """AWQ's choices for some layers from their calibration inputs: {name: (scale, clip, report row)}."""
+    groups = input_groups(layers) if group_scales else [[n] for n in layers]
+    plan = {}
+    for group in groups:
+        x = inputs[group[0]]  # the layers of a group all read this same input
+        scale, alpha, _, _ = awq_search_scale([layers[n].weight for n in group], x, group_size, n_grid)
+        for name in group:
+            w = layers[name].weight
+            clip_it = search_clip and name.rsplit(".", 1)[-1] not in NO_CLIP
+            clip, loss, _ = (awq_search_clip(w, inputs[name], scale, group_size) if clip_it else
+                             (None, layer_output_mse(w, inputs[name], scale, group_size), None))
+            row = {"layer": name, "alpha": alpha, "mse_rtn": layer_output_mse(w, inputs[name], None, group_size),
+                   "mse_awq": loss}
+            if search_clip:  # the share of groups clipped; absent otherwise, so lesson 5's table keeps its columns
+                row["clipped"] = 0.0 if clip is None else float((clip < 1).float().mean())
+            plan[name] = (scale, clip, row)
+    return plan
+
+
 def quantize_w4a16(model, method: str = "rtn", group_size: int = GROUP_SIZE, calib_texts=None, *,
                    tokenizer=None, quantize_lm_head: bool = False, dtype="bfloat16",
-                   n_grid: int = 20, max_calib_tokens: int = 512, progress: bool = True):
+                   n_grid: int = 20, max_calib_tokens: int = 512, progress: bool = True,
+                   group_scales: bool | None = None, search_clip: bool | None = None,
+                   sequential: bool | None = None):
     """Replace the model's projections by packed 4-bit :class:`QuantLinear` layers, in place.
 
     ``method`` "rtn" rounds each group to nearest; "awq" first searches per-channel scales on
@@ -323,6 +438,11 @@ def quantize_w4a16(model, method: str = "rtn", group_size: int = GROUP_SIZE, cal
     ``dtype`` (the "A16"). ``quantize_lm_head`` also packs the tied embedding / lm_head matrix,
     which LMDeploy leaves in fp16. Returns the model; ``model.w4a16_report`` holds per-layer
     calibration losses (AWQ) for inspection.
+
+    The AWQ paper's search details (None = :data:`AWQ_DEFAULTS`): ``group_scales`` gives layers
+    that read one input (q/k/v, gate/up) one scale; ``search_clip`` also searches each group's
+    clipping range; ``sequential`` calibrates one decoder block at a time on the inputs it gets
+    once the blocks before it are quantized, instead of on the unquantized model's.
     """
     from .progress import progress as progress_bar
 
@@ -333,18 +453,28 @@ def quantize_w4a16(model, method: str = "rtn", group_size: int = GROUP_SIZE, cal
     if method == "awq" and (tokenizer is None or not calib_texts):
         raise CourseError("method='awq' needs calib_texts and tokenizer=, e.g. "
                           "calib_texts=load_texts('calib'), tokenizer=tokenizer.")
+    given = {"group_scales": group_scales, "search_clip": search_clip, "sequential": sequential}
+    awq = {k: AWQ_DEFAULTS[k] if v is None else v for k, v in given.items()}
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     layers = target_linears(model, quantize_lm_head)
-    inputs = collect_inputs(model, tokenizer, calib_texts, layers,
-                            max_tokens=max_calib_tokens) if method == "awq" else {}
+    # Sequential AWQ calibrates block by block; otherwise every layer at once, on the float model.
+    batches = decoder_blocks(layers) if method == "awq" and awq["sequential"] else [list(layers)]
     report = []
-    for name, lin in progress_bar(layers.items(), desc=f"W4A16 {method}", disable=not progress):
-        scale = None
+    bar = progress_bar(total=len(layers), desc=f"W4A16 {method}", disable=not progress)
+    for names in batches:
+        batch = {n: layers[n] for n in names}
+        plan = {n: (None, None, None) for n in names}
         if method == "awq":
-            scale, alpha, loss, rtn = awq_search_scale(lin.weight, inputs.pop(name), group_size, n_grid)
-            report.append({"layer": name, "alpha": alpha, "mse_rtn": rtn, "mse_awq": loss})
-        bias = lin.bias.to(dtype) if lin.bias is not None else None
-        set_module(model, name, QuantLinear.from_weight(lin.weight, group_size, scale, bias))
+            inputs = collect_inputs(model, tokenizer, calib_texts, batch, max_tokens=max_calib_tokens)
+            plan = awq_layer_plan(batch, inputs, group_size, n_grid, group_scales=awq["group_scales"],
+                                  search_clip=awq["search_clip"])
+        for name, lin in batch.items():
+            scale, clip, row = plan[name]
+            report += [row] if row else []
+            bias = lin.bias.to(dtype) if lin.bias is not None else None
+            set_module(model, name, QuantLinear.from_weight(lin.weight, group_size, scale, bias, clip))
+            bar.update(1)
+    bar.close()
     if quantize_lm_head and model.config.tie_word_embeddings:
         model.set_input_embeddings(QuantEmbedding(model.get_output_embeddings(), dtype))
     _cast_rest(model, dtype)

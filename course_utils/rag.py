@@ -9,13 +9,17 @@ protocol object (a local ``ChatSession``, an endpoint, ...).
 from __future__ import annotations
 
 import json
+import math
 import numbers
+import re
+import weakref
+from collections import Counter
 from dataclasses import dataclass
 from operator import itemgetter
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import CourseError
+from .errors import CourseError, is_whole
 from .knowledge import *  # noqa: F403  re-exported: a notebook needs one import per lesson
 from .knowledge import show_path  # the names this module itself uses, spelled out for the reader
 from .paths import DATA_DIR
@@ -53,6 +57,12 @@ def check_template(template) -> str:
 
 # ---------------------------------------------------------------- retrieval
 
+RETRIEVAL_MODES = ("dense", "bm25", "hybrid")
+DEFAULT_MODE = "hybrid"  # without mode= (and without mmr=True, which means dense): best on both eval sets, see
+# docs/benchmarks.md "Retrieval past the naive pipeline"
+RRF_C = 60  # reciprocal rank fusion's constant (Cormack et al. 2009; LangChain's EnsembleRetriever uses 60 too)
+
+
 @dataclass(frozen=True)
 class Hit:
     path: str  # the file, relative to the knowledge folder
@@ -76,14 +86,27 @@ def _check_k(k, name: str = "k", example: int = 4) -> None:
                           f"(e.g. {name}={example}).")
 
 
-def _check_search(k, mmr: bool = False, fetch_k=20, lambda_mult=0.5) -> None:
-    """The retrieval settings, checked where a learner passes them (before any question is embedded)."""
+def _check_search(k, mmr: bool = False, fetch_k=20, lambda_mult=0.5, mode: str | None = None) -> str:
+    """The retrieval settings, checked where a learner passes them (before any question is embedded).
+
+    Returns the mode to use: ``mode``, else "dense" for MMR (it reorders embedding neighbours), else DEFAULT_MODE.
+    """
     _check_k(k)
+    mode = mode if mode is not None else "dense" if mmr else DEFAULT_MODE
+    if mode not in RETRIEVAL_MODES:
+        raise CourseError(f"mode={mode!r:.40}: use one of {', '.join(map(repr, RETRIEVAL_MODES))} "
+                          f"(the default is {DEFAULT_MODE!r}).")
+    if mmr and mode != "dense":
+        raise CourseError(f"mmr=True works with mode='dense' only (MMR reorders embedding neighbours); "
+                          f"leave mmr out with mode={mode!r}.")
+    if mode != "dense":
+        _check_k(fetch_k, "fetch_k", 20)
     if mmr:
         _check_k(fetch_k, "fetch_k", 20)
         if not isinstance(lambda_mult, numbers.Real) or isinstance(lambda_mult, bool) or not 0 <= lambda_mult <= 1:
             raise CourseError(f"lambda_mult={lambda_mult!r}: use a number from 0 (most diverse) to 1 "
                               "(most relevant); the default is 0.5.")
+    return mode
 
 
 def _check_store(store) -> None:
@@ -103,13 +126,20 @@ def _check_question(question) -> None:
                           "retrieve(store, \"Which port does LMDeploy serve on?\").")
 
 
-def retrieve(store, question: str, *, k: int = 4, mmr: bool = False, fetch_k: int = 20,
+def retrieve(store, question: str, *, k: int = 4, mode: str | None = None, mmr: bool = False, fetch_k: int = 20,
              lambda_mult: float = 0.5, vector: list[float] | None = None) -> list[Hit]:
-    """The ``k`` chunks closest to ``question`` (MMR: relevant and mutually different), best first."""
+    """The ``k`` chunks that best match ``question``, best first.
+
+    ``mode``: "hybrid" (the default: the dense and the BM25 top ``fetch_k`` fused by reciprocal rank),
+    "dense" (closest embeddings; with ``mmr=True``, the default then, also mutually different) or "bm25"
+    (shared words, weighted by rarity). Every hit's score is its cosine similarity to the question.
+    """
     _check_store(store)
-    _check_search(k, mmr, fetch_k, lambda_mult)
+    mode = _check_search(k, mmr, fetch_k, lambda_mult, mode)
     _check_question(question)
     vector = vector if vector is not None else store.embeddings.embed_query(question)
+    if mode != "dense":
+        return _lexical_retrieve(store, question, vector, k=k, mode=mode, fetch_k=fetch_k)
     scored = store.similarity_search_by_vector_with_relevance_scores(vector, k=max(k, fetch_k) if mmr else k)
     if not mmr:
         return [_hit(doc, dist) for doc, dist in scored]
@@ -117,6 +147,118 @@ def retrieve(store, question: str, *, k: int = 4, mmr: bool = False, fetch_k: in
     picked = store.max_marginal_relevance_search_by_vector(vector, k=k, fetch_k=max(k, fetch_k),
                                                            lambda_mult=lambda_mult)
     return [_hit(doc, distance.get(doc.id, 1.0)) for doc in picked]
+
+
+# ---------------------------------------------------------------- keyword retrieval and fusion
+
+_WORD = re.compile(r"[^\W\u3400-\u9fff]+|[\u3400-\u9fff]")  # words; each Chinese character is its own token
+
+
+def tokenize(text: str) -> list[str]:
+    """Lower-case word tokens for BM25 (``cache_max_entry_count`` stays one token, 中文 splits per character)."""
+    return _WORD.findall(text.lower())
+
+
+class BM25:
+    """Okapi BM25 over a fixed list of texts: shared words count, rare words count more.
+
+    ``k1`` caps how much repeating a word helps, ``b`` how much long texts are discounted; 1.5 and 0.75
+    are the defaults of the rank-bm25 package. IDF is Lucene's, which is never negative.
+    """
+
+    def __init__(self, texts: list[str], k1: float = 1.5, b: float = 0.75):
+        if isinstance(texts, str) or not texts or not all(isinstance(t, str) for t in texts):
+            raise CourseError(f"texts={texts!r:.60}: BM25 needs a non-empty list of strings (the chunks).")
+        self.k1, self.b = k1, b
+        self.counts = [Counter(tokenize(t)) for t in texts]
+        self.lengths = [sum(c.values()) for c in self.counts]
+        self.avg_length = max(sum(self.lengths) / len(texts), 1e-9)
+        df = Counter(word for c in self.counts for word in c)
+        self.idf = {w: math.log((len(texts) - n + 0.5) / (n + 0.5) + 1) for w, n in df.items()}
+
+    def scores(self, query: str) -> list[float]:
+        """One score per text (0 when no query word occurs in it)."""
+        words = tokenize(query)
+        out = []
+        for counts, length in zip(self.counts, self.lengths):
+            norm = self.k1 * (1 - self.b + self.b * length / self.avg_length)
+            out.append(sum(self.idf[w] * counts[w] * (self.k1 + 1) / (counts[w] + norm) for w in words if w in counts))
+        return out
+
+    def top(self, query: str, n: int) -> list[int]:
+        """The indices of the ``n`` best-scoring texts, best first (texts without a query word left out)."""
+        _check_k(n, "n", 4)
+        scores = self.scores(query)
+        return sorted((i for i, s in enumerate(scores) if s > 0), key=lambda i: -scores[i])[:n]
+
+
+def fuse_rankings(rankings: list[list], weights: list[float] | None = None, c: int = RRF_C) -> list:
+    """Reciprocal rank fusion: each item once, ordered by sum(weight / (c + rank)) over the rankings.
+
+    Ties keep the order of first appearance, as in LangChain's EnsembleRetriever.
+    """
+    if isinstance(rankings, (str, bytes)) or not isinstance(rankings, (list, tuple)) or not all(
+            isinstance(r, (list, tuple)) for r in rankings):
+        raise CourseError(f"rankings={rankings!r:.60}: pass a list of rankings, each a list of ids, best first.")
+    weights = [1.0] * len(rankings) if weights is None else weights
+    if not isinstance(weights, (list, tuple)) or len(weights) != len(rankings) or not all(
+            isinstance(w, numbers.Real) and not isinstance(w, bool) and w >= 0 for w in weights):
+        raise CourseError(f"weights={weights!r:.60}: give one number >= 0 per ranking ({len(rankings)}).")
+    if not is_whole(c) or c < 0:
+        raise CourseError(f"c={c!r}: use a whole number >= 0 (RRF's usual constant is {RRF_C}).")
+    fused: dict = {}
+    for ranking, weight in zip(rankings, weights):
+        for rank, item in enumerate(dict.fromkeys(ranking), 1):  # an id twice in one list counts once
+            fused[item] = fused.get(item, 0.0) + weight / (c + rank)
+    return sorted(fused, key=lambda item: -fused[item])  # sorted() is stable: ties stay in first-seen order
+
+
+@dataclass
+class _ChunkIndex:
+    """The store's chunks as plain lists, with their BM25 index (rebuilt when the store's chunks change)."""
+    ids: list[str]
+    texts: list[str]
+    metadatas: list[dict]
+    vectors: Any  # numpy array (chunks, dim), normalised like the store's embeddings
+    bm25: BM25
+
+
+_INDEXES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # store -> _ChunkIndex
+
+
+def _chunk_index(store) -> _ChunkIndex:
+    """The cached index of ``store``, checked against the store's chunk ids (cheap) on every call."""
+    import numpy as np
+
+    ids = store.get(include=[])["ids"]
+    cached = _INDEXES.get(store)
+    if cached is not None and sorted(cached.ids) == sorted(ids):
+        return cached
+    got = store.get(include=["documents", "metadatas", "embeddings"])
+    if not got["ids"]:
+        raise CourseError("The vector store is empty: build it with rag.build_vectorstore(KB_DIR, STORE_DIR).")
+    index = _ChunkIndex(got["ids"], got["documents"], got["metadatas"], np.asarray(got["embeddings"], dtype=float),
+                        BM25(got["documents"]))
+    _INDEXES[store] = index
+    return index
+
+
+def _lexical_retrieve(store, question: str, vector, *, k: int, mode: str, fetch_k: int) -> list[Hit]:
+    """BM25 alone, or BM25 and dense fused by reciprocal rank (equal weights, as EnsembleRetriever's default)."""
+    import numpy as np
+
+    index = _chunk_index(store)
+    depth = min(max(k, fetch_k), len(index.ids))  # Chroma warns when asked for more chunks than it holds
+    position = {chunk_id: i for i, chunk_id in enumerate(index.ids)}
+    lexical = [index.ids[i] for i in index.bm25.top(question, depth)]
+    if mode == "bm25":
+        order = lexical[:k]
+    else:
+        dense = [doc.id for doc, _ in store.similarity_search_by_vector_with_relevance_scores(vector, k=depth)]
+        order = fuse_rankings([dense, lexical])[:k]
+    cosine = index.vectors @ np.asarray(vector, dtype=float)
+    return [Hit(index.metadatas[i]["source"], index.metadatas[i].get("section", ""), float(cosine[i]), index.texts[i])
+            for i in (position[chunk_id] for chunk_id in order)]
 
 
 def format_context(hits: list[Hit]) -> str:
@@ -163,8 +305,8 @@ def _question(value) -> dict:
     return value
 
 
-def make_rag_chain(llm, store, *, k: int = 4, mmr: bool = False, fetch_k: int = 20, lambda_mult: float = 0.5,
-                   template: str = RAG_TEMPLATE):
+def make_rag_chain(llm, store, *, k: int = 4, mode: str | None = None, mmr: bool = False, fetch_k: int = 20,
+                   lambda_mult: float = 0.5, template: str = RAG_TEMPLATE):
     """The lesson's LCEL chain, packaged for homework and checks: question -> retrieve -> prompt -> LLM ->
     ``{"question", "answer", "sources"}``.
 
@@ -176,10 +318,11 @@ def make_rag_chain(llm, store, *, k: int = 4, mmr: bool = False, fetch_k: int = 
     from langchain_core.runnables import RunnableLambda, RunnablePassthrough
 
     _check_store(store)  # now, not at the first question
-    _check_search(k, mmr, fetch_k, lambda_mult)
+    mode = _check_search(k, mmr, fetch_k, lambda_mult, mode)
     prompt = PromptTemplate.from_template(check_template(template))
     llm = _as_runnable(llm)
-    search = RunnableLambda(lambda q: retrieve(store, q, k=k, mmr=mmr, fetch_k=fetch_k, lambda_mult=lambda_mult))
+    search = RunnableLambda(lambda q: retrieve(store, q, k=k, mode=mode, mmr=mmr, fetch_k=fetch_k,
+                                               lambda_mult=lambda_mult))
     answer = prompt | llm | StrOutputParser()
     return (RunnableLambda(_question)
             | RunnablePassthrough.assign(hits=itemgetter("question") | search)
@@ -199,11 +342,12 @@ class RagSession:
     context); ``history`` keeps the conversation for display.
     """
 
-    def __init__(self, chat, store, *, k: int = 4, mmr: bool = False, max_sources: int = 3,
+    def __init__(self, chat, store, *, k: int = 4, mode: str | None = None, mmr: bool = False, max_sources: int = 3,
                  template: str = RAG_TEMPLATE):
         _check_store(store)  # now, not at the first question
-        _check_k(k)
+        mode = _check_search(k, mmr, mode=mode)
         self.chat, self.store, self.k, self.mmr, self.max_sources = chat, store, k, mmr, max_sources
+        self.mode = mode
         self.template = check_template(template)
         self.history: list[dict] = []
         self.last_hits: list[Hit] = []
@@ -218,7 +362,7 @@ class RagSession:
         self.chat.generation = value
 
     def _retrieve(self, question: str) -> list[Hit]:
-        self.last_hits = retrieve(self.store, question, k=self.k, mmr=self.mmr)
+        self.last_hits = retrieve(self.store, question, k=self.k, mode=self.mode, mmr=self.mmr)
         return self.last_hits
 
     def ask(self, text: str, stream: bool = False) -> str | Iterator[str]:
@@ -366,17 +510,17 @@ class RetrievalReport:
         return f"hit@{self.k} = {self.hit_rate:.3f}, MRR = {self.mrr:.3f} over {len(self.table)} questions"
 
 
-def evaluate_retrieval(store, qa, k: int = 4, *, mmr: bool = False, fetch_k: int = 20,
+def evaluate_retrieval(store, qa, k: int = 4, *, mode: str | None = None, mmr: bool = False, fetch_k: int = 20,
                        vectors: list | None = None) -> RetrievalReport:
     """hit@k and MRR of ``store`` on ``qa`` (dicts with "question" and the expected "source" file)."""
     import pandas as pd
 
     _check_store(store)
     qa = _check_qa(qa)
-    _check_search(k, mmr, fetch_k)
+    mode = _check_search(k, mmr, fetch_k, mode=mode)
     rows = []
     for i, item in enumerate(qa):
-        hits = retrieve(store, item["question"], k=k, mmr=mmr, fetch_k=fetch_k,
+        hits = retrieve(store, item["question"], k=k, mode=mode, mmr=mmr, fetch_k=fetch_k,
                         vector=vectors[i] if vectors is not None else None)
         paths = [h.path for h in hits]
         rank = paths.index(item["source"]) + 1 if item["source"] in paths else 0
@@ -392,10 +536,10 @@ def compare_retrieval(store, qa, settings: list[dict]):
     _check_store(store)
     qa = _check_qa(qa)
     for s in settings:  # all of them before the questions are embedded
-        if not isinstance(s, dict) or not set(s) <= {"k", "mmr", "fetch_k"}:
-            raise CourseError(f"settings: {s!r:.80} is not a retrieval setting; use dicts with k, mmr and "
-                              "fetch_k, e.g. [{\"k\": 4}, {\"k\": 4, \"mmr\": True}].")
-        _check_search(s.get("k", 4), s.get("mmr", False), s.get("fetch_k", 20))
+        if not isinstance(s, dict) or not set(s) <= {"k", "mode", "mmr", "fetch_k"}:
+            raise CourseError(f"settings: {s!r:.80} is not a retrieval setting; use dicts with k, mode, mmr and "
+                              "fetch_k, e.g. [{\"k\": 4}, {\"k\": 4, \"mmr\": True}, {\"k\": 4, \"mode\": \"hybrid\"}].")
+        _check_search(s.get("k", 4), s.get("mmr", False), s.get("fetch_k", 20), mode=s.get("mode"))
     vectors = [store.embeddings.embed_query(item["question"]) for item in qa]  # once for all settings
     rows = []
     for s in settings:
@@ -404,18 +548,18 @@ def compare_retrieval(store, qa, settings: list[dict]):
     return pd.DataFrame(rows)
 
 
-def explain_miss(store, item: dict, k: int = 4):
+def explain_miss(store, item: dict, k: int = 4, *, mode: str | None = None):
     """Why a question missed: the chunks retrieved instead, and the best chunk of the expected file."""
     import pandas as pd
 
     _check_store(store)
-    _check_k(k)
+    mode = _check_search(k, mode=mode)
     if not is_question(item):
         raise CourseError(f"item={item!r:.80}: pass one question of the eval set, a dict with non-empty "
                           "\"question\" and \"source\" strings.")
     vector = store.embeddings.embed_query(item["question"])
     rows = [{"rank": i, "path": h.path, "section": h.section, "score": round(h.score, 3)}
-            for i, h in enumerate(retrieve(store, item["question"], k=k, vector=vector), 1)]
+            for i, h in enumerate(retrieve(store, item["question"], k=k, mode=mode, vector=vector), 1)]
     best = store.similarity_search_by_vector_with_relevance_scores(vector, k=1, filter={"source": item["source"]})
     for doc, dist in best:
         hit = _hit(doc, dist)

@@ -163,26 +163,6 @@ def test_ppl_scores_equal_hand_computed_log_likelihoods():
 
 
 @pytest.fixture(scope="module")
-def tiny_tokenizer(tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def random_llama(tiny_tokenizer):
-    """A 2-layer random Llama over SmolLM2's vocabulary: real attention and rotary positions, in milliseconds."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=1024, pad_token_id=tiny_tokenizer.pad_token_id)
-    return LlamaForCausalLM(config).eval()
-
-
-@pytest.fixture(scope="module")
 def random_gpt2(tiny_tokenizer):
     """A 2-layer random GPT-2: learned absolute positions, where wrong position ids change every score."""
     import torch
