@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 import re
 import weakref
 from collections import Counter
@@ -19,7 +18,7 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import CourseError, is_whole
+from .errors import CourseError, is_number, is_whole
 from .knowledge import *  # noqa: F403  re-exported: a notebook needs one import per lesson
 from .knowledge import show_path  # the names this module itself uses, spelled out for the reader
 from .paths import DATA_DIR
@@ -81,7 +80,7 @@ def _hit(doc, distance: float) -> Hit:
 
 
 def _check_k(k, name: str = "k", example: int = 4) -> None:
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+    if not is_whole(k) or k < 1:
         raise CourseError(f"{name}={k!r}: use a whole number of chunks to retrieve, 1 or more "
                           f"(e.g. {name}={example}).")
 
@@ -103,7 +102,7 @@ def _check_search(k, mmr: bool = False, fetch_k=20, lambda_mult=0.5, mode: str |
         _check_k(fetch_k, "fetch_k", 20)
     if mmr:
         _check_k(fetch_k, "fetch_k", 20)
-        if not isinstance(lambda_mult, numbers.Real) or isinstance(lambda_mult, bool) or not 0 <= lambda_mult <= 1:
+        if not is_number(lambda_mult) or not 0 <= lambda_mult <= 1:
             raise CourseError(f"lambda_mult={lambda_mult!r}: use a number from 0 (most diverse) to 1 "
                               "(most relevant); the default is 0.5.")
     return mode
@@ -202,7 +201,7 @@ def fuse_rankings(rankings: list[list], weights: list[float] | None = None, c: i
         raise CourseError(f"rankings={rankings!r:.60}: pass a list of rankings, each a list of ids, best first.")
     weights = [1.0] * len(rankings) if weights is None else weights
     if not isinstance(weights, (list, tuple)) or len(weights) != len(rankings) or not all(
-            isinstance(w, numbers.Real) and not isinstance(w, bool) and w >= 0 for w in weights):
+            is_number(w) and w >= 0 for w in weights):
         raise CourseError(f"weights={weights!r:.60}: give one number >= 0 per ranking ({len(rankings)}).")
     if not is_whole(c) or c < 0:
         raise CourseError(f"c={c!r}: use a whole number >= 0 (RRF's usual constant is {RRF_C}).")
