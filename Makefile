@@ -21,6 +21,15 @@ export COURSE_HEADLESS ?= 1
 # Jupyter prints a warning on every kernel start without this.
 export JUPYTER_PLATFORM_DIRS ?= 1
 
+# Lessons and pytest workers (pytest-xdist) run side by side: one per CPU, at most 4 (each holds a
+# model or two in memory), each with its share of the CPUs as torch threads (conftest.py,
+# course_utils/notebooks.py). JOBS=1: one at a time.
+JOBS ?= $(shell n=$$(nproc); echo $$(( n < 4 ? n : 4 )))
+XDIST := $(if $(filter-out 0 1,$(JOBS)),-n $(JOBS),)
+# Unit tests: any worker takes any test. Lessons: one worker runs a notebook's cells in order.
+UNIT_PAR := $(XDIST) $(if $(XDIST),--dist worksteal,)
+NB_PAR := $(XDIST) $(if $(XDIST),--dist loadfile,)
+
 .PHONY: help setup models browser sandbox toolchain course test quick unit nbval homework-nbval browser-test sim-setup sim gpu-check notebooks lab doctor bench screenshots grade lock clean
 
 help:
@@ -68,7 +77,7 @@ models: setup
 	$(PY) -m course_utils prepare
 
 course: models sandbox toolchain
-	$(PY) -m course_utils run $(NOTEBOOKS) --out build
+	$(PY) -m course_utils run $(NOTEBOOKS) --out build --jobs $(JOBS)
 
 # Debian's chromium for the browser tests (Playwright drives it by path; no browser download), plus a
 # Chinese and an emoji font so screenshots show the lessons' Chinese text and the chat labels.
@@ -85,14 +94,14 @@ sandbox:
 	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; fi; }
 
 unit: models sandbox toolchain
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(UNIT_PAR) tests
 
 # The edit-test loop: the unit tests without those marked slow (model loads, servers, real CLIs).
 quick: models sandbox toolchain
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q $(UNIT_PAR) -m "not slow" tests
 
 nbval: models toolchain
-	$(PY) -m pytest -q -p no:cacheprovider --nbval $(NBVAL) $(NOTEBOOKS)
+	$(PY) -m pytest -q -p no:cacheprovider $(NB_PAR) --nbval $(NBVAL) $(NOTEBOOKS)
 
 # Student versions as shipped: every task unfinished, every check must still run (lax: no output compare).
 homework-nbval: models
@@ -111,14 +120,14 @@ gpu-check:
 	python tools/gpu_check.py --out build/gpu-check
 
 test: models browser sandbox toolchain
-	$(PY) -m pytest -q tests
-	$(PY) -m pytest -q -p no:cacheprovider --nbval $(NBVAL) $(NOTEBOOKS)
+	$(PY) -m pytest -q $(UNIT_PAR) tests
+	$(PY) -m pytest -q -p no:cacheprovider $(NB_PAR) --nbval $(NBVAL) $(NOTEBOOKS)
 	$(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env $(HOMEWORK)
 	$(PY) -m pytest -q -p no:cacheprovider tests/browser
 	$(MAKE) sim
 
 notebooks: models sandbox toolchain
-	$(PY) -m course_utils run $(NOTEBOOKS) --inplace
+	$(PY) -m course_utils run $(NOTEBOOKS) --inplace --jobs $(JOBS)
 
 lab: models sandbox toolchain
 	COURSE_HEADLESS=0 $(VENV)/bin/jupyter lab --ip 127.0.0.1 notebooks/

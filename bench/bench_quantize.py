@@ -57,7 +57,7 @@ def variant_rows(model, tokenizer, texts, calib, new_tokens: int):
                   "AWQ quantize, 20 alphas x 512 tokens (s)": round(t_awq, 1)}
 
 
-# Each AWQ row adds one of the paper's search details to the row above it.
+# Each AWQ row adds one of the paper's search details to the row above it (the last: quantize.AWQ_PAPER).
 AWQ_STEPS = [("AWQ (old)", {}), ("+ groups", {"group_scales": True}),
              ("+ clip", {"group_scales": True, "search_clip": True}),
              ("+ sequential", {"group_scales": True, "search_clip": True, "sequential": True})]

@@ -15,6 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("notebooks", nargs="+")
     run.add_argument("--out", default="build", help="folder for executed copies and HTML")
     run.add_argument("--inplace", action="store_true", help="overwrite the notebooks' stored outputs")
+    run.add_argument("--jobs", type=int, default=1, help="notebooks run at once (each its share of the CPUs)")
     from .grading import add_arguments
 
     add_arguments(sub.add_parser("grade", help="run homework notebooks in the sandbox and print a "
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "run":
         from .notebooks import run_notebooks
 
-        table = run_notebooks(args.notebooks, out_dir=args.out, inplace=args.inplace)
+        table = run_notebooks(args.notebooks, out_dir=args.out, inplace=args.inplace, jobs=args.jobs)
         print(table.drop(columns="error").to_string(index=False))
         failed = table[table.status != "ok"]
         for row in failed.itertuples():

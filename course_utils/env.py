@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,6 +88,60 @@ def profile() -> str:
     if chosen == "tiny":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return chosen
+
+
+THREADS_ENV = "COURSE_THREADS"  # a whole number fixes torch's thread count (CI's parallel workers: 1)
+
+
+def busy_cpus(samples: int = 5, gap: float = 0.02) -> int:
+    """Threads of other processes running right now: the kernel's ``procs_running`` less this one.
+
+    The median of a few samples, so one short-lived process does not count; 0 where ``/proc/stat``
+    cannot be read. Instantaneous on purpose: the load average still counts, for a minute, the
+    lesson that just finished.
+    """
+    counts = []
+    for i in range(samples):
+        try:
+            with open("/proc/stat") as stat:
+                line = next((ln for ln in stat if ln.startswith("procs_running")), "")
+        except OSError:
+            return 0
+        if not line:
+            return 0
+        counts.append(int(line.split()[1]) - 1)
+        if i + 1 < samples:
+            time.sleep(gap)
+    return max(0, sorted(counts)[len(counts) // 2])
+
+
+def thread_count() -> int:
+    """Threads for torch here: one per CPU this process may use that no other job is busy on, at least 1.
+
+    The usable CPUs are the affinity mask (``os.sched_getaffinity``: a container's or ``taskset``'s
+    limit). Idle, that is torch's own choice. Beside other CPU-bound jobs, torch's default of one
+    OpenMP thread per core makes threads spin-wait for each other on cores they share:
+    bench/bench_threads.py measured lesson 4's fine-tune 3.8x slower beside one such job and 10x
+    beside two, against 1.9x and 3.8x with one thread (docs/benchmarks.md). ``COURSE_THREADS=n``
+    fixes the count.
+    """
+    fixed = os.environ.get(THREADS_ENV, "").strip()
+    if fixed:
+        if not fixed.isdigit() or int(fixed) < 1:
+            raise CourseError(f"{THREADS_ENV}={fixed!r}: use a whole number of threads, 1 or more "
+                              "(or unset it to let the course choose).")
+        return int(fixed)
+    return max(1, len(os.sched_getaffinity(0)) - busy_cpus())
+
+
+def configure_threads() -> int:
+    """Set torch's thread count to :func:`thread_count` (called at each model load); returns it."""
+    import torch
+
+    threads = thread_count()
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
 
 
 def package_version(dist: str) -> str:

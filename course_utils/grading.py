@@ -132,8 +132,11 @@ def _kernel_env(work: Path) -> dict:
     from .paths import cache_dir
     from .sandbox import child_env
 
-    threads = str(len(os.sched_getaffinity(0)))
-    return child_env(str(work / "home"), **{
+    from .env import THREADS_ENV
+
+    threads = str(len(os.sched_getaffinity(0)))  # torch's start; each model load adapts it (env.configure_threads)
+    fixed = {THREADS_ENV: os.environ[THREADS_ENV]} if os.environ.get(THREADS_ENV) else {}
+    return child_env(str(work / "home"), **fixed, **{
         EVIDENCE_ENV: str(work / "evidence"), PROGRESS_ENV: str(work / "progress.json"),
         "COURSE_OUTPUT_DIR": str(work / "outputs"), "COURSE_CACHE_DIR": str(cache_dir()),
         "COURSE_PROFILE": "tiny", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",

@@ -295,10 +295,13 @@ def load_embeddings(name: str | None = None, *, batch_size: int = 64, device: st
     from langchain_huggingface import HuggingFaceEmbeddings
     from transformers.utils import logging as hf_logging
 
+    from .env import configure_threads
     from .models import embedding_path
 
     hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar for a 90 MB model is noise
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        configure_threads()  # as for a chat model: no thread spinning on a core another job holds
     return HuggingFaceEmbeddings(model_name=str(embedding_path(name)), model_kwargs={"device": device},
                                  encode_kwargs={"batch_size": batch_size, "normalize_embeddings": True})
 

@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .env import profile, share_roots
+from .env import configure_threads, profile, share_roots
 from .errors import CourseError
 from .hub import COMPLETE_MARKER, download_model, downloads_allowed
 from .paths import cache_dir
@@ -390,6 +390,8 @@ def load_model(name: str | os.PathLike | None = None, *, dtype=None, device: str
             "machine has none. Use the tiny profile (COURSE_PROFILE=tiny, model "
             "'smollm2-135m-instruct'), or pass device='cpu' if you really want to wait for it.")
     device = device or ("cuda" if cuda else "cpu")
+    if device == "cpu":
+        configure_threads()  # a shared machine: no thread spinning on a core another job holds
     if quantization and device == "cpu" and not bnb_4bit_on_cpu():
         raise CourseError(f"{quantization} on the CPU needs bitsandbytes >= 0.46 (the CPU env); this "
                           "env has XTuner's bitsandbytes 0.45, which quantizes on CUDA only. Load "

@@ -51,19 +51,58 @@ def execute_notebook(path: Path, *, out: Path | None = None, timeout: int = 1800
     return RunResult(path.name, status, seconds, error)
 
 
-def run_notebooks(paths, *, out_dir: Path | None = None, inplace: bool = False):
-    """Execute each notebook in turn; returns a table (notebook, status, seconds, error)."""
+def stored_seconds(path: Path) -> float:
+    """How long the notebook's stored run took, from nbclient's per-cell timestamps (0 if none)."""
+    import json
+    from datetime import datetime
+
+    total = 0.0
+    for cell in json.loads(Path(path).read_text(encoding="utf-8")).get("cells", []):
+        times = cell.get("metadata", {}).get("execution", {})
+        if "iopub.execute_input" in times and "shell.execute_reply" in times:
+            start, end = (datetime.fromisoformat(times[k].replace("Z", "+00:00"))
+                          for k in ("iopub.execute_input", "shell.execute_reply"))
+            total += (end - start).total_seconds()
+    return total
+
+
+def _run_one(path: Path, out_dir: Path | None, inplace: bool) -> RunResult:
+    if inplace:
+        return execute_notebook(path, out=path)
+    base = Path(out_dir or "build")
+    return execute_notebook(path, out=base / path.name, html=base / "html" / path.with_suffix(".html").name)
+
+
+def run_notebooks(paths, *, out_dir: Path | None = None, inplace: bool = False, jobs: int = 1):
+    """Execute the notebooks, ``jobs`` at a time; returns a table (notebook, status, seconds, error).
+
+    With ``jobs`` > 1 each kernel gets an equal share of the CPUs as torch threads
+    (``COURSE_THREADS``, unless set), and the notebooks whose stored run took longest start first,
+    so the last one to finish is not a long one started late.
+    """
     import pandas as pd
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
     from tqdm.auto import tqdm
 
+    from .env import THREADS_ENV
+    from .errors import CourseError, is_whole
+
+    if not is_whole(jobs) or jobs < 1:
+        raise CourseError(f"jobs={jobs!r}: use a whole number of notebooks to run at once, 1 or more.")
+    paths = [Path(p) for p in paths]
+    if jobs > 1:
+        share = os.environ.setdefault(THREADS_ENV, str(max(1, len(os.sched_getaffinity(0)) // jobs)))
+        os.environ["OMP_NUM_THREADS"] = share  # the kernels inherit both: torch starts with its share
+        paths.sort(key=stored_seconds, reverse=True)
     results = []
-    for path in tqdm([Path(p) for p in paths], desc="notebooks", unit="nb"):
-        if inplace:
-            res = execute_notebook(path, out=path)
-        else:
-            base = Path(out_dir or "build")
-            res = execute_notebook(path, out=base / path.name,
-                                   html=base / "html" / path.with_suffix(".html").name)
-        print(f"{res.notebook}: {res.status} in {res.seconds} s", flush=True)
-        results.append(res)
+    with ProcessPoolExecutor(max_workers=jobs) as pool, tqdm(total=len(paths), desc="notebooks", unit="nb") as bar:
+        futures = [pool.submit(_run_one, path, out_dir, inplace) for path in paths]
+        for future in as_completed(futures):
+            res = future.result()
+            print(f"{res.notebook}: {res.status} in {res.seconds} s", flush=True)
+            results.append(res)
+            bar.update()
+    order = {p.name: i for i, p in enumerate(sorted(paths))}
+    results.sort(key=lambda r: order[r.notebook])
     return pd.DataFrame([r.__dict__ for r in results])

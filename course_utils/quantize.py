@@ -223,8 +223,12 @@ SHARED_INPUT = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in",
 CLIP_RATIOS = tuple(1 - i / 20 for i in range(10))  # AutoAWQ's auto_clip: 1.0 down to 0.55, step 0.05
 # AutoAWQ leaves q and k unclipped: attention scores amplify their errors (its own comment).
 NO_CLIP = ("q_proj", "k_proj", "wqkv")
-# Which refinements of the AWQ search quantize_w4a16(method="awq") uses unless told otherwise.
+# Which refinements of the AWQ search quantize_w4a16(method="awq") uses unless told otherwise: the
+# fast search (18 s on SmolLM2, 2 CPU cores), which keeps lessons 5-6 and their homework short.
 AWQ_DEFAULTS = {"group_scales": False, "search_clip": False, "sequential": False}
+# The paper's search, all three (**AWQ_PAPER): 52 % of RTN's perplexity gap closed at group 64 against
+# 30 % for the defaults, in 95 s (bench/bench_quantize.py --awq-ablation, docs/benchmarks.md).
+AWQ_PAPER = {"group_scales": True, "search_clip": True, "sequential": True}
 
 
 def load_texts(name: str = "heldout") -> list[str]:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .compat import has_serve_cli
+from .env import thread_count
 from .errors import CourseError, is_number, is_whole
 
 BACKENDS = ("auto", "lmdeploy", "transformers")
@@ -394,7 +395,10 @@ def serve(model=None, *, backend: str = "auto", port: int = 23333, host: str = "
                                    device="cuda" if _has_cuda() else "cpu",
                                    quantization=quantization, extra_args=extra_args)
     server = Server(backend, served_name, host, port, run_dir / "server.log", api_key)
-    server.process = _launch(cmd, run_dir, server.log_path, dict(os.environ))
+    env = dict(os.environ)
+    if backend == "transformers" and not _has_cuda():  # its torch gets the CPUs no other job holds
+        env["OMP_NUM_THREADS"] = str(thread_count())
+    server.process = _launch(cmd, run_dir, server.log_path, env)
     _RUNNING[port] = server
     server.started_s = wait_until_ready(server, timeout or (600 if backend == "lmdeploy" else 180))
     return server

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .env import thread_count
 from .errors import CourseError
 from .paths import REPO_ROOT, cache_dir
 from .progress import progress as progress_bar
@@ -94,7 +95,8 @@ def run_tool(tool: str, *args, cwd: str | Path, show: str | None = None, progres
     command = " ".join([tool, *(_shown(a, cwd) for a in args)])
     print(f"$ {command}")
     env = {**os.environ, "PATH": f"{folder}{os.pathsep}{os.environ.get('PATH', '')}",
-           "VIRTUAL_ENV": str(folder.parent), "PYTHONUNBUFFERED": "1", "NO_COLOR": "1"}
+           "VIRTUAL_ENV": str(folder.parent), "PYTHONUNBUFFERED": "1", "NO_COLOR": "1",
+           "OMP_NUM_THREADS": str(thread_count())}  # its torch: no spinning on a core another job holds
     env.pop("FORCE_COLOR", None)
     env.pop("PYTHONPATH", None)  # the CPU env's packages must not shadow the toolchain's
     log_file = cwd / f"{tool}-{args[0] if args else 'run'}.log"

@@ -58,3 +58,62 @@ def test_doctor_command_line():
     out = subprocess.run([sys.executable, "-m", "course_utils", "doctor"], capture_output=True,
                          text=True, check=True).stdout
     assert "profile" in out and "model: smollm2-135m-instruct" in out
+
+
+# ---- torch's thread count on a shared machine ----------------------------------------------------
+BUSY = """
+import sys, torch
+torch.set_num_threads(int(sys.argv[1]))
+a = torch.randn(256, 256)
+print("ready", flush=True)
+while True:
+    a = torch.tanh(a @ a)
+"""
+
+
+@pytest.fixture
+def restore_threads():
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_course_threads_fixes_the_count(monkeypatch, restore_threads):
+    import torch
+
+    monkeypatch.setenv(env.THREADS_ENV, "1")
+    assert env.configure_threads() == 1 and torch.get_num_threads() == 1
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv(env.THREADS_ENV, bad)
+        with pytest.raises(CourseError, match="whole number of threads"):
+            env.configure_threads()
+
+
+def test_threads_leave_the_cores_other_jobs_hold(monkeypatch, restore_threads):
+    """A job with more running threads than this process has CPUs: one thread, not a spinning pair."""
+    import os
+
+    import torch
+
+    monkeypatch.delenv(env.THREADS_ENV, raising=False)
+    cpus = len(os.sched_getaffinity(0))
+    busy = subprocess.Popen([sys.executable, "-c", BUSY, str(cpus + 1)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert busy.stdout.readline().strip() == "ready"
+        assert env.busy_cpus() >= cpus + 1
+        assert env.configure_threads() == 1 and torch.get_num_threads() == 1
+    finally:
+        busy.kill()
+        busy.wait()
+
+
+@pytest.mark.slow
+def test_a_model_load_sets_the_thread_count(tiny_model_dir, monkeypatch, restore_threads):
+    import torch
+
+    torch.set_num_threads(2)
+    monkeypatch.setenv(env.THREADS_ENV, "1")
+    models.load_model(tiny_model_dir)
+    assert torch.get_num_threads() == 1

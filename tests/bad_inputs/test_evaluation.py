@@ -4,6 +4,7 @@ or repeating a question; the L6.modes check refuses an accuracy that is not a nu
 
 import dataclasses
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import time
 import pytest
 
 from course_utils import homework
+from course_utils.env import THREADS_ENV
 from course_utils.errors import CourseError
 from course_utils.eval_data import load_dataset, load_predictions, summarize
 from course_utils.evaluate import evaluate
@@ -290,7 +292,8 @@ def test_a_killed_run_resumes_to_the_clean_result(tiny_model, one_thread, tmp_pa
     log = tmp_path / "killed.log"
     with open(log, "wb") as err:
         proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(run_dir), str(one_thread)],
-                                cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=err)
+                                cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=err,
+                                env={**os.environ, THREADS_ENV: str(one_thread)})  # its model load keeps it
     try:
         deadline = time.monotonic() + 60  # import, model load and three answers, on busy cores
         while not (path.is_file() and path.read_bytes().count(b"\n") >= 3):

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from course_utils import models
+from course_utils.env import THREADS_ENV
 from course_utils.errors import CourseError
 from course_utils.finetune import FinetuneConfig, _start_step, train
 from course_utils.paths import REPO_ROOT
@@ -383,7 +384,7 @@ def _logged(text: str) -> dict[int, float]:
 
 
 @pytest.mark.slow
-def test_a_killed_run_resumes_from_its_last_complete_checkpoint(tmp_path, tiny_model_dir):
+def test_a_killed_run_resumes_from_its_last_complete_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
     data = make_identity_dataset("Alex", repeats=4, out_dir=tmp_path / "data")
     run = tmp_path / "run"
     fields = dict(model=str(tiny_model_dir), data_path=str(data["conversation"]), work_dir=str(run),
@@ -391,7 +392,7 @@ def test_a_killed_run_resumes_from_its_last_complete_checkpoint(tmp_path, tiny_m
                   evaluation_freq=0, evaluation_inputs=["Who are you?"], eval_max_new_tokens=1)
     # One thread in both runs: on a shared 2-core machine two spinning threads per run make
     # each step 10x slower, and equal thread counts keep the losses of both runs comparable.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, THREADS_ENV: "1", "HF_HUB_OFFLINE": "1"}
     log = tmp_path / "killed.log"
     with open(log, "w") as out:  # -u: a SIGKILL must not lose lines waiting in a buffer
         proc = subprocess.Popen([sys.executable, "-u", "-c", KILLED_RUN, json.dumps(fields)],
@@ -419,7 +420,7 @@ def test_a_killed_run_resumes_from_its_last_complete_checkpoint(tmp_path, tiny_m
     import torch
 
     threads, old = torch.get_num_threads(), signal.signal(signal.SIGALRM, too_slow)
-    torch.set_num_threads(1)
+    monkeypatch.setenv(THREADS_ENV, "1")  # train's model load sets it
     signal.alarm(40)
     try:
         resumed = train(FinetuneConfig(**fields), resume=True)
