@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import sys
@@ -115,12 +116,41 @@ def busy_cpus(samples: int = 5, gap: float = 0.02) -> int:
     return max(0, sorted(counts)[len(counts) // 2])
 
 
+def cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The CPUs a container's CPU quota allows (cgroup v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us``), or None.
+
+    Kubernetes pods (InternStudio's kind) are limited this way, not by the affinity mask, which still
+    lists every CPU of the host.
+    """
+    for quota_file, period_file in ((root / "cpu.max", None),
+                                    (root / "cpu" / "cpu.cfs_quota_us", root / "cpu" / "cpu.cfs_period_us")):
+        try:
+            fields = quota_file.read_text().split()
+            if period_file is not None:
+                fields.append(period_file.read_text().strip())
+            quota, period = fields[0], float(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if quota in ("max", "-1") or period <= 0:
+            return None
+        return float(quota) / period
+    return None
+
+
+def usable_cpus() -> int:
+    """CPUs this process may use: its affinity mask (``taskset``, cpusets), capped by a CPU quota."""
+    cpus = len(os.sched_getaffinity(0))
+    quota = cpu_quota()
+    return max(1, min(cpus, math.ceil(quota))) if quota else cpus
+
+
 def thread_count() -> int:
     """Threads for torch here: one per CPU this process may use that no other job is busy on, at least 1.
 
-    The usable CPUs are the affinity mask (``os.sched_getaffinity``: a container's or ``taskset``'s
-    limit). Idle, that is torch's own choice. Beside other CPU-bound jobs, torch's default of one
-    OpenMP thread per core makes threads spin-wait for each other on cores they share:
+    The usable CPUs are the affinity mask (``os.sched_getaffinity``: ``taskset``, cpusets), capped by a
+    container's CPU quota (:func:`usable_cpus`). Idle and without a quota, that is torch's own choice.
+    Beside other CPU-bound jobs, torch's default of one OpenMP thread per core makes threads spin-wait
+    for each other on cores they share:
     bench/bench_threads.py measured lesson 4's fine-tune 3.8x slower beside one such job and 10x
     beside two, against 1.9x and 3.8x with one thread (docs/benchmarks.md). ``COURSE_THREADS=n``
     fixes the count.
@@ -131,7 +161,10 @@ def thread_count() -> int:
             raise CourseError(f"{THREADS_ENV}={fixed!r}: use a whole number of threads, 1 or more "
                               "(or unset it to let the course choose).")
         return int(fixed)
-    return max(1, len(os.sched_getaffinity(0)) - busy_cpus())
+    usable = usable_cpus()
+    # procs_running counts the whole host: only the share on CPUs this process may use competes with it.
+    busy = busy_cpus() * usable / max(usable, os.cpu_count() or 1)
+    return max(1, usable - round(busy))
 
 
 def configure_threads() -> int:

@@ -61,14 +61,7 @@ def test_doctor_command_line():
 
 
 # ---- torch's thread count on a shared machine ----------------------------------------------------
-BUSY = """
-import sys, torch
-torch.set_num_threads(int(sys.argv[1]))
-a = torch.randn(256, 256)
-print("ready", flush=True)
-while True:
-    a = torch.tanh(a @ a)
-"""
+BUSY = "print('ready', flush=True)\nwhile True:\n    pass"  # one thread, always runnable
 
 
 @pytest.fixture
@@ -92,21 +85,23 @@ def test_course_threads_fixes_the_count(monkeypatch, restore_threads):
 
 
 def test_threads_leave_the_cores_other_jobs_hold(monkeypatch, restore_threads):
-    """A job with more running threads than this process has CPUs: one thread, not a spinning pair."""
+    """More running jobs than the host has CPUs: one thread, not a spinning pair."""
     import os
 
     import torch
 
     monkeypatch.delenv(env.THREADS_ENV, raising=False)
-    cpus = len(os.sched_getaffinity(0))
-    busy = subprocess.Popen([sys.executable, "-c", BUSY, str(cpus + 1)], stdout=subprocess.PIPE, text=True)
+    cpus = os.cpu_count()  # the host's: procs_running counts them all
+    jobs = [subprocess.Popen([sys.executable, "-c", BUSY], stdout=subprocess.PIPE, text=True)
+            for _ in range(cpus + 1)]
     try:
-        assert busy.stdout.readline().strip() == "ready"
+        assert all(job.stdout.readline().strip() == "ready" for job in jobs)
         assert env.busy_cpus() >= cpus + 1
         assert env.configure_threads() == 1 and torch.get_num_threads() == 1
     finally:
-        busy.kill()
-        busy.wait()
+        for job in jobs:
+            job.kill()
+            job.wait()
 
 
 @pytest.mark.slow
@@ -117,3 +112,28 @@ def test_a_model_load_sets_the_thread_count(tiny_model_dir, monkeypatch, restore
     monkeypatch.setenv(env.THREADS_ENV, "1")
     models.load_model(tiny_model_dir)
     assert torch.get_num_threads() == 1
+
+
+@pytest.mark.parametrize("files, cpus", [
+    ({"cpu.max": "250000 100000\n"}, 2.5),                                  # cgroup v2, a pod's limit
+    ({"cpu.max": "max 100000\n"}, None),                                    # v2, no limit
+    ({"cpu/cpu.cfs_quota_us": "150000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1.5),  # v1
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({"cpu.max": "garbage"}, None), ({}, None)])
+def test_cpu_quota_of_a_container(tmp_path, files, cpus):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert env.cpu_quota(tmp_path) == cpus
+
+
+def test_a_quota_caps_the_usable_cpus(monkeypatch):
+    import os
+
+    affinity = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(env, "cpu_quota", lambda: 0.5)
+    assert env.usable_cpus() == 1
+    monkeypatch.setattr(env, "cpu_quota", lambda: affinity + 8.0)
+    assert env.usable_cpus() == affinity  # a quota above the mask does not add CPUs
+    monkeypatch.setattr(env, "cpu_quota", lambda: None)
+    assert env.usable_cpus() == affinity
