@@ -129,12 +129,11 @@ def _kernel_manager(work: Path, limits, uid: int):
 
 
 def _kernel_env(work: Path) -> dict:
+    from .env import THREADS_ENV
     from .paths import cache_dir
     from .sandbox import child_env
 
-    from .env import THREADS_ENV
-
-    threads = str(len(os.sched_getaffinity(0)))  # torch's start; each model load adapts it (env.configure_threads)
+    threads = str(len(os.sched_getaffinity(0)))  # torch's start; model loads adapt it (env.configure_threads)
     fixed = {THREADS_ENV: os.environ[THREADS_ENV]} if os.environ.get(THREADS_ENV) else {}
     return child_env(str(work / "home"), **fixed, **{
         EVIDENCE_ENV: str(work / "evidence"), PROGRESS_ENV: str(work / "progress.json"),

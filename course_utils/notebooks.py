@@ -90,19 +90,21 @@ def run_notebooks(paths, *, out_dir: Path | None = None, inplace: bool = False, 
 
     if not is_whole(jobs) or jobs < 1:
         raise CourseError(f"jobs={jobs!r}: use a whole number of notebooks to run at once, 1 or more.")
-    paths = [Path(p) for p in paths]
-    if jobs > 1:
-        share = os.environ.setdefault(THREADS_ENV, str(max(1, len(os.sched_getaffinity(0)) // jobs)))
-        os.environ["OMP_NUM_THREADS"] = share  # the kernels inherit both: torch starts with its share
-        paths.sort(key=stored_seconds, reverse=True)
+    asked = [Path(p) for p in paths]
+    threads = {}
+    if jobs > 1:  # set in the workers, whose kernels inherit both: torch starts with its share
+        share = os.environ.get(THREADS_ENV) or str(max(1, len(os.sched_getaffinity(0)) // jobs))
+        threads = {THREADS_ENV: share, "OMP_NUM_THREADS": share}
+    start_order = sorted(asked, key=stored_seconds, reverse=True) if jobs > 1 else asked
     results = []
-    with ProcessPoolExecutor(max_workers=jobs) as pool, tqdm(total=len(paths), desc="notebooks", unit="nb") as bar:
-        futures = [pool.submit(_run_one, path, out_dir, inplace) for path in paths]
+    with ProcessPoolExecutor(max_workers=jobs, initializer=os.environ.update, initargs=(threads,)) as pool, \
+            tqdm(total=len(asked), desc="notebooks", unit="nb") as bar:
+        futures = [pool.submit(_run_one, path, out_dir, inplace) for path in start_order]
         for future in as_completed(futures):
             res = future.result()
             print(f"{res.notebook}: {res.status} in {res.seconds} s", flush=True)
             results.append(res)
             bar.update()
-    order = {p.name: i for i, p in enumerate(sorted(paths))}
-    results.sort(key=lambda r: order[r.notebook])
+    order = {p.name: i for i, p in enumerate(asked)}
+    results.sort(key=lambda r: order[r.notebook])  # the table in the order asked for
     return pd.DataFrame([r.__dict__ for r in results])
