@@ -9,7 +9,9 @@ import os
 
 _workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
 if _workers and not os.environ.get("COURSE_THREADS"):
-    _share = str(max(1, len(os.sched_getaffinity(0)) // int(_workers)))
+    from course_utils.env import thread_share
+
+    _share = thread_share(int(_workers))
     # COURSE_THREADS for the course's model loads (env.configure_threads), OMP_NUM_THREADS for
     # the CLIs and servers the tests and lessons start.
     os.environ.update(COURSE_THREADS=_share, OMP_NUM_THREADS=_share)

@@ -144,6 +144,11 @@ def usable_cpus() -> int:
     return max(1, min(cpus, math.ceil(quota))) if quota else cpus
 
 
+def thread_share(jobs: int) -> str:
+    """Threads for each of ``jobs`` workers side by side (test workers, lesson kernels): an equal share."""
+    return str(max(1, usable_cpus() // jobs))
+
+
 def thread_count() -> int:
     """Threads for torch here: one per CPU this process may use that no other job is busy on, at least 1.
 

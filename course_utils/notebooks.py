@@ -85,7 +85,7 @@ def run_notebooks(paths, *, out_dir: Path | None = None, inplace: bool = False, 
 
     from tqdm.auto import tqdm
 
-    from .env import THREADS_ENV
+    from .env import THREADS_ENV, thread_share
     from .errors import CourseError, is_whole
 
     if not is_whole(jobs) or jobs < 1:
@@ -93,7 +93,7 @@ def run_notebooks(paths, *, out_dir: Path | None = None, inplace: bool = False, 
     asked = [Path(p) for p in paths]
     threads = {}
     if jobs > 1:  # set in the workers, whose kernels inherit both: torch starts with its share
-        share = os.environ.get(THREADS_ENV) or str(max(1, len(os.sched_getaffinity(0)) // jobs))
+        share = os.environ.get(THREADS_ENV) or thread_share(jobs)
         threads = {THREADS_ENV: share, "OMP_NUM_THREADS": share}
     start_order = sorted(asked, key=stored_seconds, reverse=True) if jobs > 1 else asked
     results = []

@@ -29,7 +29,7 @@ def test_two_at_a_time_each_with_its_share_of_the_cpus(tmp_path, monkeypatch):
     assert list(table.notebook) == ["b.ipynb", "a.ipynb", "c.ipynb"]  # the order asked for
     assert list(table.status) == ["ok", "ok", "error"] and "ZeroDivisionError" in table.error[2]
     assert "COURSE_THREADS" not in os.environ, "the runner changed its caller's environment"
-    share = str(max(1, len(os.sched_getaffinity(0)) // 2))
+    share = str(max(1, len(os.sched_getaffinity(0)) // 2))  # no CPU quota on the CI machine kind
     outputs = [nbformat.read(tmp_path / "build" / f"{n}.ipynb", as_version=4).cells[0].outputs[0].text.split()
                for n in "ab"]
     assert [threads for _, *threads in outputs] == [[share, share]] * 2
